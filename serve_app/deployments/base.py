@@ -1,0 +1,115 @@
+"""What every model deployment shares: options, threads, weights and the `info()` answer.
+
+Deployments know nothing of HTTP: they take bytes and parameters and return plain data,
+raising `InputError` (caller's fault, 4xx) or `ModelUnavailable` (503).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, ClassVar
+
+import cv2
+import ray
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from serve_app.config import ConfigError, cpu_threads
+from serve_app.errors import ModelUnavailable
+from serve_app.models import weights
+
+log = logging.getLogger("ray.serve")
+
+
+class BaseOptions(BaseModel):
+    """`args.models.<name>.options` in config/serve.yaml; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    threads: int | None = None  # default: ceil(the replica's num_cpus)
+
+
+def validate_options(cls: type[ModelDeployment], name: str, options: dict[str, Any]) -> BaseModel:
+    try:
+        return cls.Options.model_validate(options)
+    except ValidationError as err:
+        raise ConfigError(f"args.models.{name}.options: {err}") from err
+
+
+class ModelDeployment:
+    KIND: ClassVar[str]
+    Options: ClassVar[type[BaseOptions]] = BaseOptions
+
+    def __init__(self, name: str, options: dict[str, Any], model_dir: str | None,
+                 max_pixels: int) -> None:
+        self.name = name
+        self.options = validate_options(type(self), name, options)
+        self.model_dir = model_dir
+        self.max_pixels = max_pixels
+        self.resources = _assigned_resources()
+        self.threads = self.options.threads or cpu_threads(self.resources.get("CPU"))
+        cv2.setNumThreads(self.threads)
+        self.model: Any = None
+        self._load_lock = threading.Lock()
+        self._try_load()
+
+    # -- to override -------------------------------------------------------------------
+    def required_weights(self) -> list[str]:
+        return []
+
+    def load(self) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Model-specific fields for /v1/models (parameters, variant, ...)."""
+        return {}
+
+    # -- shared ------------------------------------------------------------------------
+    def missing_weights(self) -> list[str]:
+        return [w for w in self.required_weights() if weights.find(w, self.model_dir) is None]
+
+    def _try_load(self) -> None:
+        # Weights may be fetched while the service runs; the next request then loads them
+        # without a restart, so a missing file is re-checked rather than remembered.
+        with self._load_lock:
+            if self.model is None and not self.missing_weights():
+                self.model = self.load()
+                log.info("%s: model loaded (%d threads)", self.name, self.threads)
+
+    def ready_model(self) -> Any:
+        if self.model is None:
+            self._try_load()
+        if self.model is None:
+            missing = self.missing_weights()
+            commands = "; ".join(weights.fetch_command(w, self.model_dir) for w in missing)
+            raise ModelUnavailable(
+                "weights_missing",
+                f"{self.name} needs weight file(s) {missing}; fetch them with: {commands}",
+            )
+        return self.model
+
+    def info(self) -> dict[str, Any]:
+        missing = [] if self.model is not None else self.missing_weights()
+        return {
+            "name": self.name,
+            "kind": self.KIND,
+            "status": "ready" if not missing else "missing weights",
+            "missing_weights": missing,
+            "fetch_command": " && ".join(weights.fetch_command(w, self.model_dir)
+                                         for w in missing) or None,
+            "resources": {"num_cpus": self.resources.get("CPU"),
+                          "memory_bytes": self.resources.get("memory"),
+                          "num_gpus": self.resources.get("GPU", 0),
+                          "threads": self.threads},
+            **self.describe(),
+        }
+
+    def check_health(self) -> None:
+        # Missing weights are a 503 per request, not a reason for Serve to restart us.
+        return None
+
+
+def _assigned_resources() -> dict[str, float]:
+    try:
+        return dict(ray.get_runtime_context().get_assigned_resources())
+    except Exception:  # outside a Ray worker (unit use): no assignment to report
+        return {}

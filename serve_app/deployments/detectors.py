@@ -1,0 +1,201 @@
+"""The four face-detection deployments: one Serve deployment class per detector.
+
+Each replica decodes the image bytes it is sent (decoding is the heavy part of a request
+and so scales with the model's replicas, not with the router), runs its model and renders
+the answer the caller asked for: JSON data, an annotated JPEG/PNG, or base64 JPEG text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any, ClassVar
+
+from ray import serve
+
+from serve_app.deployments.base import BaseOptions, ModelDeployment
+from serve_app.deployments.params import Param, parse_params
+from serve_app.inputs.decode import decode_image
+from serve_app.inputs.errors import InputError
+from serve_app.models import weights
+from serve_app.models.types import Detection
+from serve_app.rendering.boxes import draw_boxes
+from serve_app.rendering.encode import MEDIA_TYPES, encode_image
+
+OUTPUTS = ("json", "jpeg", "png", "base64")
+
+
+class DetectorDeployment(ModelDeployment):
+    KIND = "detector"
+    PARAMS: ClassVar[dict[str, Param]]
+    BOX_COLOR: ClassVar[tuple[int, int, int]] = (0, 255, 0)
+
+    def run(self, model: Any, image_bgr, params: dict[str, Any]) -> list[Detection]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"parameters": {k: p.describe() for k, p in self.PARAMS.items()}}
+
+    async def detect(self, data: bytes, params: dict[str, Any], output: str = "json",
+                     filename: str | None = None) -> dict[str, Any]:
+        if output not in OUTPUTS:
+            raise InputError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
+        p = parse_params(self.PARAMS, params)
+        model = self.ready_model()
+        # The model runs in a worker thread so the replica's event loop keeps answering
+        # health checks and queueing the next request meanwhile.
+        return await asyncio.to_thread(self._detect, model, data, p, output, filename)
+
+    def _detect(self, model, data: bytes, p: dict[str, Any], output: str,
+                filename: str | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        image = decode_image(data, max_pixels=self.max_pixels)
+        t1 = time.perf_counter()
+        faces = self.run(model, image, p)
+        t2 = time.perf_counter()
+        result: dict[str, Any] = {
+            "model": self.name,
+            "filename": filename,
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "count": len(faces),
+            "faces": [f.as_dict() for f in faces],
+            "parameters": p,
+        }
+        if output != "json":
+            fmt = "jpeg" if output == "base64" else output
+            encoded = encode_image(draw_boxes(image, faces, self.BOX_COLOR), fmt)
+            if output == "base64":
+                result["image_base64"] = base64.b64encode(encoded).decode("ascii")
+            else:
+                result["image"] = encoded
+                result["media_type"] = MEDIA_TYPES[fmt]
+        t3 = time.perf_counter()
+        result["timing_ms"] = {"decode": round((t1 - t0) * 1e3, 2),
+                               "inference": round((t2 - t1) * 1e3, 2),
+                               "render": round((t3 - t2) * 1e3, 2),
+                               "total": round((t3 - t0) * 1e3, 2)}
+        return result
+
+
+class PigoOptions(BaseOptions):
+    weights: str = "facefinder"
+
+
+@serve.deployment
+class PigoDetector(DetectorDeployment):
+    """Pico cascade (pigo's `facefinder`), with the OpenFaaS store function's parameters."""
+
+    Options = PigoOptions
+    PARAMS = {
+        "min_size": Param(int, 20, 4, 10000, "smallest face side in pixels"),
+        "max_size": Param(int, 2000, 4, 20000, "largest face side in pixels"),
+        "shift_factor": Param(float, 0.1, 0.01, 1.0, "window step as a fraction of its size"),
+        "scale_factor": Param(float, 1.1, 1.01, 2.0, "window growth between scales"),
+        "iou_threshold": Param(float, 0.18, 0.0, 1.0, "overlap that merges two detections"),
+        "q_threshold": Param(float, 5.0, 0.0, 1000.0, "minimum cluster score to keep a face"),
+    }
+
+    def required_weights(self) -> list[str]:
+        return [self.options.weights]
+
+    def load(self):
+        from serve_app.models.pico import PicoCascade
+
+        return PicoCascade.from_file(weights.find(self.options.weights, self.model_dir))
+
+    def run(self, model, image_bgr, params):
+        from serve_app.models.pico import PicoParams, to_gray_pigo
+
+        if params["min_size"] > params["max_size"]:
+            raise InputError(422, "bad_parameter", "min_size must not exceed max_size")
+        return model.detect(to_gray_pigo(image_bgr, channel_order="bgr"), PicoParams(**params))
+
+
+class HaarOptions(BaseOptions):
+    cascade: str = "haarcascade_frontalface_default.xml"  # a file in cv2.data.haarcascades
+
+
+def _haar_params(scale: float, neighbours: int) -> dict[str, Param]:
+    return {
+        "scale_factor": Param(float, scale, 1.01, 2.0, "image pyramid step"),
+        "min_neighbors": Param(int, neighbours, 0, 50, "overlapping hits needed for a face"),
+        "min_size": Param(int, 30, 1, 10000, "smallest face side in pixels"),
+    }
+
+
+class _HaarBase(DetectorDeployment):
+    Options = HaarOptions
+
+    def load(self):
+        from pathlib import Path
+
+        import cv2
+
+        from serve_app.models.haar import HaarDetector
+
+        return HaarDetector(Path(cv2.data.haarcascades) / self.options.cascade)
+
+    def run(self, model, image_bgr, params):
+        return model.detect(image_bgr, **params)
+
+
+@serve.deployment
+class HaarDetector(_HaarBase):
+    """OpenCV Haar cascade; answers the annotated image like the store's face-detect-opencv."""
+
+    PARAMS = _haar_params(1.1, 5)
+
+
+@serve.deployment
+class BasicHaarDetector(_HaarBase):
+    """The seed's Python Haar function: detectMultiScale(gray, 1.3, 5), blue boxes, base64."""
+
+    PARAMS = _haar_params(1.3, 5)
+    BOX_COLOR = (255, 0, 0)
+
+
+class CnnOptions(BaseOptions):
+    weights: str = "res10_ssd"
+    prototxt: str = "res10_prototxt"
+    # 600 is the seed's blob; 300 is the net's native size, which finds large faces.
+    blob_sizes: list[int] = [600, 300]
+    min_inside: float = 0.8  # share of a box's area that must lie inside the image
+    confidence: float = 0.85
+
+
+@serve.deployment
+class CnnDetector(DetectorDeployment):
+    """OpenCV DNN res10 SSD on square blobs (600x600 as the seed, plus 300), confidence 0.85."""
+
+    Options = CnnOptions
+    PARAMS: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Instance-level so the configured default shows in /v1/models and in answers.
+        self.PARAMS = {"confidence": Param(float, self.options.confidence, 0.05, 1.0,
+                                           "minimum detection confidence")}
+
+    def required_weights(self) -> list[str]:
+        return [self.options.weights, self.options.prototxt]
+
+    def load(self):
+        from serve_app.models.res10 import Res10Detector
+
+        return Res10Detector(weights.find(self.options.prototxt, self.model_dir),
+                             weights.find(self.options.weights, self.model_dir),
+                             blob_sizes=self.options.blob_sizes,
+                             min_inside=self.options.min_inside)
+
+    def run(self, model, image_bgr, params):
+        return model.detect(image_bgr, confidence=params["confidence"])
+
+
+DETECTORS: dict[str, Any] = {
+    "face-detect-pigo": PigoDetector,
+    "face-detect-opencv": HaarDetector,
+    "basic-face-detection": BasicHaarDetector,
+    "cnn-face-detection": CnnDetector,
+}

@@ -1,0 +1,31 @@
+"""Bytes -> decoded image, refusing what should not reach the decoder."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from serve_app.inputs.errors import InputError
+from serve_app.inputs.imageinfo import check_pixels, sniff
+
+DECODABLE = {"jpeg", "png", "webp", "bmp", "tiff"}
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode to a 3-channel BGR uint8 array; the pixel limit is checked from the header first."""
+    if not data:
+        raise InputError(400, "empty_body", "no image: the request body is empty")
+    info = sniff(data)
+    if info is None or info.format not in DECODABLE:
+        kind = "an unsupported image type" if info else "not an image"
+        raise InputError(
+            415, "unsupported_media_type",
+            f"{kind}; send JPEG, PNG, WebP, BMP or TIFF bytes, or an image URL",
+        )
+    check_pixels(info, max_pixels)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputError(422, "bad_image", f"the {info.format} data could not be decoded")
+    if image.shape[0] * image.shape[1] > max_pixels:  # header lied about its size
+        raise InputError(413, "too_many_pixels", f"image has more than {max_pixels} pixels")
+    return image

@@ -1,0 +1,147 @@
+"""One HTTP request -> image bytes + the caller's parameters, whatever form the image came in.
+
+Accepted forms: raw image bytes; multipart upload (field `file` or `image`); JSON with `url`
+or `image_base64`; or a bare image URL as the body (the OpenFaaS functions' habit). Every
+other field (query string, form fields, JSON keys) is a model parameter, validated later by
+the model. The image's pixels are not decoded here: the model replica does that.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from serve_app.inputs.errors import InputError
+
+# Query keys that steer the answer rather than the model.
+RESERVED_QUERY = {"format"}
+FILE_FIELDS = ("file", "image")
+MAX_URL_BODY = 4096
+
+Fetcher = Callable[[str], Awaitable[bytes]]
+
+
+@dataclass
+class ImageRequest:
+    data: bytes
+    source: str  # "body" | "upload" | "url" | "base64"
+    filename: str | None = None
+    url: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `max_bytes`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > max_bytes
+        except ValueError:
+            raise InputError(400, "bad_request", "Content-Length is not a number") from None
+        if too_big:
+            raise InputError(413, "too_large", f"request body over {max_bytes} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise InputError(413, "too_large", f"request body over {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def looks_like_url(body: bytes) -> str | None:
+    if len(body) > MAX_URL_BODY:
+        return None
+    try:
+        text = body.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if text.lower().startswith(("http://", "https://")) and not any(c.isspace() for c in text):
+        return text
+    return None
+
+
+def decode_base64(text: Any) -> bytes:
+    if not isinstance(text, str) or not text:
+        raise InputError(400, "bad_base64", "image_base64 must be a non-empty string")
+    if text.startswith("data:"):  # data:image/png;base64,....
+        _, _, text = text.partition(",")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(400, "bad_base64", "image_base64 is not valid base64") from None
+
+
+async def _replay(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def _from_multipart(request: Request, body: bytes, max_bytes: int,
+                          fetch: Fetcher) -> ImageRequest:
+    parser = MultiPartParser(request.headers, _replay(body), max_files=4, max_fields=64,
+                             max_part_size=max_bytes)
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        raise InputError(400, "bad_multipart", f"malformed multipart body: {err}") from None
+    params: dict[str, Any] = {}
+    upload: UploadFile | None = None
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key in FILE_FIELDS and upload is None:
+                upload = value
+            continue
+        params[key] = value
+    url = params.pop("url", None)
+    if upload is None and url:
+        return ImageRequest(await fetch(url), "url", url=url, params=params)
+    if upload is None:
+        raise InputError(400, "no_file",
+                         f"multipart body has no file field (expected one of {FILE_FIELDS})")
+    data = await upload.read()
+    return ImageRequest(data, "upload", filename=upload.filename, params=params)
+
+
+async def _from_json(body: bytes, fetch: Fetcher) -> ImageRequest:
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(400, "bad_json", f"invalid JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise InputError(400, "bad_json", "the JSON body must be an object")
+    url, b64 = doc.pop("url", None), doc.pop("image_base64", None)
+    filename = doc.pop("filename", None)
+    if (url is None) == (b64 is None):
+        raise InputError(400, "no_image", "give exactly one of `url` or `image_base64`")
+    if url is not None:
+        if not isinstance(url, str):
+            raise InputError(400, "bad_url", "`url` must be a string")
+        return ImageRequest(await fetch(url), "url", url=url, params=doc)
+    return ImageRequest(decode_base64(b64), "base64", filename=filename, params=doc)
+
+
+async def parse_image_request(request: Request, *, max_bytes: int, fetch: Fetcher) -> ImageRequest:
+    body = await read_body(request, max_bytes)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        image = await _from_multipart(request, body, max_bytes, fetch)
+    elif ctype == "application/json":
+        image = await _from_json(body, fetch)
+    elif (url := looks_like_url(body)) is not None:
+        image = ImageRequest(await fetch(url), "url", url=url)
+    elif not body:
+        raise InputError(400, "empty_body",
+                         "no image: send image bytes, a multipart upload, JSON or an image URL")
+    else:
+        image = ImageRequest(body, "body")
+    query = {k: v for k, v in request.query_params.items() if k not in RESERVED_QUERY}
+    image.params = {**query, **image.params}
+    return image

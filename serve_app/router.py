@@ -1,0 +1,153 @@
+"""The HTTP ingress: one Serve deployment that sends each request to the right model.
+
+It parses the request into image bytes + parameters (fetching URLs itself, since that is
+I/O and the router is async), calls the model deployment through its handle, and turns the
+plain-data answer into an HTTP response. It knows model names and kinds, nothing more.
+"""
+
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.config import MODEL_KINDS, AppSettings
+from serve_app.errors import ModelUnavailable
+from serve_app.inputs.errors import InputError
+from serve_app.inputs.fetch import fetch_url
+from serve_app.inputs.request import parse_image_request
+
+log = logging.getLogger("ray.serve")
+RETRY_AFTER_S = 2
+INFO_TIMEOUT_S = 5.0
+
+api = FastAPI(
+    title="visionserve",
+    version="0.1.0",
+    description="Face detection and Segment Anything as HTTP functions (Ray Serve).",
+)
+
+
+def error_response(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+@api.exception_handler(InputError)
+async def _input_error(_: Request, err: InputError) -> JSONResponse:
+    return error_response(err.status, err.error, err.detail)
+
+
+@api.exception_handler(ModelUnavailable)
+async def _unavailable(_: Request, err: ModelUnavailable) -> JSONResponse:
+    return error_response(err.status, err.error, err.detail, {"Retry-After": "30"})
+
+
+@api.exception_handler(BackPressureError)
+async def _backpressure(_: Request, err: BackPressureError) -> JSONResponse:
+    return error_response(503, "overloaded", "the model's queue is full; retry shortly",
+                          {"Retry-After": str(RETRY_AFTER_S)})
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(err.status_code, codes.get(err.status_code, "http_error"), str(err.detail),
+                          getattr(err, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    return error_response(422, "bad_request", str(err.errors()))
+
+
+@serve.deployment
+@serve.ingress(api)
+class Router:
+    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        self.settings = AppSettings.model_validate(settings)
+        self.models = models
+        self.limits = self.settings.limits
+
+    # -- helpers -----------------------------------------------------------------------
+    def _handle(self, name: str, kind: str | None = None) -> DeploymentHandle:
+        model = self.settings.models.get(name)
+        if model is None or (kind is not None and MODEL_KINDS[name] != kind):
+            known = sorted(n for n in self.settings.models if kind is None or MODEL_KINDS[n] == kind)
+            raise InputError(404, "unknown_model", f"no {kind or 'model'} named {name!r}; "
+                             f"known: {known}")
+        if not model.enabled:
+            raise ModelUnavailable(
+                "model_disabled",
+                f"{name} is disabled; set args.models.{name}.enabled: true in config/serve.yaml",
+            )
+        return self.models[name]
+
+    async def _fetch(self, url: str) -> bytes:
+        lim = self.limits
+        return await fetch_url(url, max_bytes=lim.fetch_max_bytes,
+                               connect_timeout_s=lim.fetch_connect_timeout_s,
+                               read_timeout_s=lim.fetch_read_timeout_s,
+                               allow_hosts=self.settings.fetch_allow_hosts,
+                               max_redirects=lim.fetch_max_redirects)
+
+    async def _call(self, name: str, method: str, *args: Any) -> Any:
+        response = getattr(self._handle(name), method).remote(*args)
+        timeout = self.settings.models[name].timeout_s
+        try:
+            return await asyncio.wait_for(response, timeout)
+        except TimeoutError:
+            response.cancel()
+            raise InputError(504, "timeout", f"{name} did not answer within {timeout} s "
+                             f"(args.models.{name}.timeout_s)") from None
+
+    # -- routes ------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        return {"models": await asyncio.gather(*(self._model_info(n) for n in self.settings.models))}
+
+    async def _model_info(self, name: str) -> dict[str, Any]:
+        base = {"name": name, "kind": MODEL_KINDS[name]}
+        if not self.settings.models[name].enabled:
+            return {**base, "status": "disabled"}
+        try:
+            info = await asyncio.wait_for(self.models[name].info.remote(), INFO_TIMEOUT_S)
+        except Exception as err:  # scaled to zero, starting, or crashed: say so, don't fail
+            return {**base, "status": "unavailable", "detail": type(err).__name__}
+        return {**base, **info}
+
+    @api.post("/v1/detect/{model}")
+    async def detect(self, model: str, request: Request) -> Response:
+        self._handle(model, "detector")
+        output = request.query_params.get("format", "json")
+        return await self._detect(model, request, output)
+
+    @api.post("/function/{name}")
+    async def function(self, name: str, request: Request) -> Response:
+        # faas-cli appends the namespace (`.openfaas-fn`); model names have no dots.
+        model = name.split(".", 1)[0]
+        self._handle(model)
+        default = "base64" if model == "basic-face-detection" else "jpeg"
+        return await self._detect(model, request, request.query_params.get("format", default))
+
+    async def _detect(self, model: str, request: Request, output: str) -> Response:
+        image = await parse_image_request(request, max_bytes=self.limits.max_body_bytes,
+                                          fetch=self._fetch)
+        result = await self._call(model, "detect", image.data, image.params, output,
+                                  image.filename)
+        if "image" in result:
+            return Response(result["image"], media_type=result["media_type"],
+                            headers={"X-Faces": str(result["count"])})
+        if output == "base64":
+            return PlainTextResponse(result["image_base64"], headers={"X-Faces": str(result["count"])})
+        return JSONResponse(result)
