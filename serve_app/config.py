@@ -119,13 +119,13 @@ def _check_keys(where: str, data: Any, schema: type[BaseModel]) -> None:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - _field_names(schema))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(_field_names(schema))}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; known: {sorted(_field_names(schema))}"
+        )
 
 
 def _pydantic_message(err: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
 
 
 def parse_app_settings(args: dict[str, Any] | None) -> AppSettings:
@@ -153,10 +153,13 @@ def validate_config(cfg: dict[str, Any]) -> AppSettings:
         where = f"deployments[{i}] ({dep.get('name', '?')})"
         _check_keys(where, dep, s["deployment"])
         if "ray_actor_options" in dep:
-            _check_keys(f"{where}.ray_actor_options", dep["ray_actor_options"], s["ray_actor_options"])
+            _check_keys(
+                f"{where}.ray_actor_options", dep["ray_actor_options"], s["ray_actor_options"]
+            )
         if "autoscaling_config" in dep:
-            _check_keys(f"{where}.autoscaling_config", dep["autoscaling_config"],
-                        s["autoscaling_config"])
+            _check_keys(
+                f"{where}.autoscaling_config", dep["autoscaling_config"], s["autoscaling_config"]
+            )
     try:
         s["root"].model_validate(cfg)
     except ValidationError as err:
@@ -229,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, yaml.YAMLError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 1
-    print(f"{args.path}: ok ({len(settings.enabled_models())} models enabled: "
-          f"{', '.join(settings.enabled_models())})")
+    print(
+        f"{args.path}: ok ({len(settings.enabled_models())} models enabled: "
+        f"{', '.join(settings.enabled_models())})"
+    )
     return 0
 
 

@@ -53,10 +53,14 @@ def wait_running(app: str = APP_NAME, *, timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"{app} not RUNNING after {timeout_s} s: {status}")
 
 
-def with_overrides(cfg: dict[str, Any], *, port: int | None = None,
-                   args: dict[str, Any] | None = None,
-                   deployments: dict[str, dict[str, Any]] | None = None,
-                   models: dict[str, dict[str, Any] | None] | None = None) -> dict[str, Any]:
+def with_overrides(
+    cfg: dict[str, Any],
+    *,
+    port: int | None = None,
+    args: dict[str, Any] | None = None,
+    deployments: dict[str, dict[str, Any]] | None = None,
+    models: dict[str, dict[str, Any] | None] | None = None,
+) -> dict[str, Any]:
     """A copy of `cfg` with the given changes; a model mapped to None is removed entirely."""
     out = copy.deepcopy(cfg)
     app = out["applications"][0]

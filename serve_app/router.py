@@ -5,7 +5,6 @@ I/O and the router is async), calls the model deployment through its handle, and
 plain-data answer into an HTTP response. It knows model names and kinds, nothing more.
 """
 
-
 import asyncio
 import logging
 from typing import Any
@@ -35,7 +34,9 @@ api = FastAPI(
 )
 
 
-def error_response(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, error: str, detail: str, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -51,15 +52,23 @@ async def _unavailable(_: Request, err: ModelUnavailable) -> JSONResponse:
 
 @api.exception_handler(BackPressureError)
 async def _backpressure(_: Request, err: BackPressureError) -> JSONResponse:
-    return error_response(503, "overloaded", "the model's queue is full; retry shortly",
-                          {"Retry-After": str(RETRY_AFTER_S)})
+    return error_response(
+        503,
+        "overloaded",
+        "the model's queue is full; retry shortly",
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
-    return error_response(err.status_code, codes.get(err.status_code, "http_error"), str(err.detail),
-                          getattr(err, "headers", None))
+    return error_response(
+        err.status_code,
+        codes.get(err.status_code, "http_error"),
+        str(err.detail),
+        getattr(err, "headers", None),
+    )
 
 
 @api.exception_handler(RequestValidationError)
@@ -79,9 +88,12 @@ class Router:
     def _handle(self, name: str, kind: str | None = None) -> DeploymentHandle:
         model = self.settings.models.get(name)
         if model is None or (kind is not None and MODEL_KINDS[name] != kind):
-            known = sorted(n for n in self.settings.models if kind is None or MODEL_KINDS[n] == kind)
-            raise InputError(404, "unknown_model", f"no {kind or 'model'} named {name!r}; "
-                             f"known: {known}")
+            known = sorted(
+                n for n in self.settings.models if kind is None or MODEL_KINDS[n] == kind
+            )
+            raise InputError(
+                404, "unknown_model", f"no {kind or 'model'} named {name!r}; known: {known}"
+            )
         if not model.enabled:
             raise ModelUnavailable(
                 "model_disabled",
@@ -91,11 +103,14 @@ class Router:
 
     async def _fetch(self, url: str) -> bytes:
         lim = self.limits
-        return await fetch_url(url, max_bytes=lim.fetch_max_bytes,
-                               connect_timeout_s=lim.fetch_connect_timeout_s,
-                               read_timeout_s=lim.fetch_read_timeout_s,
-                               allow_hosts=self.settings.fetch_allow_hosts,
-                               max_redirects=lim.fetch_max_redirects)
+        return await fetch_url(
+            url,
+            max_bytes=lim.fetch_max_bytes,
+            connect_timeout_s=lim.fetch_connect_timeout_s,
+            read_timeout_s=lim.fetch_read_timeout_s,
+            allow_hosts=self.settings.fetch_allow_hosts,
+            max_redirects=lim.fetch_max_redirects,
+        )
 
     async def _call(self, name: str, method: str, *args: Any) -> Any:
         response = getattr(self._handle(name), method).remote(*args)
@@ -104,8 +119,11 @@ class Router:
             return await asyncio.wait_for(response, timeout)
         except TimeoutError:
             response.cancel()
-            raise InputError(504, "timeout", f"{name} did not answer within {timeout} s "
-                             f"(args.models.{name}.timeout_s)") from None
+            raise InputError(
+                504,
+                "timeout",
+                f"{name} did not answer within {timeout} s (args.models.{name}.timeout_s)",
+            ) from None
 
     # -- routes ------------------------------------------------------------------------
     @api.get("/healthz")
@@ -114,7 +132,9 @@ class Router:
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        return {"models": await asyncio.gather(*(self._model_info(n) for n in self.settings.models))}
+        return {
+            "models": await asyncio.gather(*(self._model_info(n) for n in self.settings.models))
+        }
 
     async def _model_info(self, name: str) -> dict[str, Any]:
         base = {"name": name, "kind": MODEL_KINDS[name]}
@@ -141,13 +161,18 @@ class Router:
         return await self._detect(model, request, request.query_params.get("format", default))
 
     async def _detect(self, model: str, request: Request, output: str) -> Response:
-        image = await parse_image_request(request, max_bytes=self.limits.max_body_bytes,
-                                          fetch=self._fetch)
-        result = await self._call(model, "detect", image.data, image.params, output,
-                                  image.filename)
+        image = await parse_image_request(
+            request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
+        )
+        result = await self._call(model, "detect", image.data, image.params, output, image.filename)
         if "image" in result:
-            return Response(result["image"], media_type=result["media_type"],
-                            headers={"X-Faces": str(result["count"])})
+            return Response(
+                result["image"],
+                media_type=result["media_type"],
+                headers={"X-Faces": str(result["count"])},
+            )
         if output == "base64":
-            return PlainTextResponse(result["image_base64"], headers={"X-Faces": str(result["count"])})
+            return PlainTextResponse(
+                result["image_base64"], headers={"X-Faces": str(result["count"])}
+            )
         return JSONResponse(result)

@@ -42,17 +42,29 @@ def test_config(port: int, model_dir: Path) -> dict:
     from serve_app.config import load_config
     from serve_app.launch import with_overrides
 
-    small = {"ray_actor_options": {"memory": 512 * 2**20},
-             "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
-    sam = {"ray_actor_options": {"memory": 1024 * 2**20},
-           "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
+    small = {
+        "ray_actor_options": {"memory": 512 * 2**20},
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+    }
+    sam = {
+        "ray_actor_options": {"memory": 1024 * 2**20},
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+    }
     return with_overrides(
         load_config(),
         port=port,
         args={"model_dir": str(model_dir), "fetch_allow_hosts": [TEST_IMAGE_HOST]},
         deployments={
-            **{n: small for n in ("router", "face-detect-pigo", "face-detect-opencv",
-                                  "basic-face-detection", "cnn-face-detection")},
+            **{
+                n: small
+                for n in (
+                    "router",
+                    "face-detect-pigo",
+                    "face-detect-opencv",
+                    "basic-face-detection",
+                    "cnn-face-detection",
+                )
+            },
             **{n: sam for n in ("sam-segmentation-light", "sam-segmentation", "sam-mobile")},
         },
         models=SAM_TEST_MODELS,
@@ -73,9 +85,15 @@ def ray_session():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="vs-ray-")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-             namespace="serve", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        namespace="serve",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
     yield ray
     from ray import serve
 

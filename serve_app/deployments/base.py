@@ -39,8 +39,9 @@ class ModelDeployment:
     KIND: ClassVar[str]
     Options: ClassVar[type[BaseOptions]] = BaseOptions
 
-    def __init__(self, name: str, options: dict[str, Any], model_dir: str | None,
-                 max_pixels: int) -> None:
+    def __init__(
+        self, name: str, options: dict[str, Any], model_dir: str | None, max_pixels: int
+    ) -> None:
         self.name = name
         self.options = validate_options(type(self), name, options)
         self.model_dir = model_dir
@@ -94,12 +95,14 @@ class ModelDeployment:
             "kind": self.KIND,
             "status": "ready" if not missing else "missing weights",
             "missing_weights": missing,
-            "fetch_command": " && ".join(weights.fetch_command(w, self.model_dir)
-                                         for w in missing) or None,
-            "resources": {"num_cpus": self.resources.get("CPU"),
-                          "memory_bytes": self.resources.get("memory"),
-                          "num_gpus": self.resources.get("GPU", 0),
-                          "threads": self.threads},
+            "fetch_command": " && ".join(weights.fetch_command(w, self.model_dir) for w in missing)
+            or None,
+            "resources": {
+                "num_cpus": self.resources.get("CPU"),
+                "memory_bytes": self.resources.get("memory"),
+                "num_gpus": self.resources.get("GPU", 0),
+                "threads": self.threads,
+            },
             **self.describe(),
         }
 

@@ -37,8 +37,9 @@ class DetectorDeployment(ModelDeployment):
     def describe(self) -> dict[str, Any]:
         return {"parameters": {k: p.describe() for k, p in self.PARAMS.items()}}
 
-    async def detect(self, data: bytes, params: dict[str, Any], output: str = "json",
-                     filename: str | None = None) -> dict[str, Any]:
+    async def detect(
+        self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
+    ) -> dict[str, Any]:
         if output not in OUTPUTS:
             raise InputError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
         p = parse_params(self.PARAMS, params)
@@ -47,8 +48,9 @@ class DetectorDeployment(ModelDeployment):
         # health checks and queueing the next request meanwhile.
         return await asyncio.to_thread(self._detect, model, data, p, output, filename)
 
-    def _detect(self, model, data: bytes, p: dict[str, Any], output: str,
-                filename: str | None) -> dict[str, Any]:
+    def _detect(
+        self, model, data: bytes, p: dict[str, Any], output: str, filename: str | None
+    ) -> dict[str, Any]:
         t0 = time.perf_counter()
         image = decode_image(data, max_pixels=self.max_pixels)
         t1 = time.perf_counter()
@@ -72,10 +74,12 @@ class DetectorDeployment(ModelDeployment):
                 result["image"] = encoded
                 result["media_type"] = MEDIA_TYPES[fmt]
         t3 = time.perf_counter()
-        result["timing_ms"] = {"decode": round((t1 - t0) * 1e3, 2),
-                               "inference": round((t2 - t1) * 1e3, 2),
-                               "render": round((t3 - t2) * 1e3, 2),
-                               "total": round((t3 - t0) * 1e3, 2)}
+        result["timing_ms"] = {
+            "decode": round((t1 - t0) * 1e3, 2),
+            "inference": round((t2 - t1) * 1e3, 2),
+            "render": round((t3 - t2) * 1e3, 2),
+            "total": round((t3 - t0) * 1e3, 2),
+        }
         return result
 
 
@@ -175,8 +179,11 @@ class CnnDetector(DetectorDeployment):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Instance-level so the configured default shows in /v1/models and in answers.
-        self.PARAMS = {"confidence": Param(float, self.options.confidence, 0.05, 1.0,
-                                           "minimum detection confidence")}
+        self.PARAMS = {
+            "confidence": Param(
+                float, self.options.confidence, 0.05, 1.0, "minimum detection confidence"
+            )
+        }
 
     def required_weights(self) -> list[str]:
         return [self.options.weights, self.options.prototxt]
@@ -184,10 +191,12 @@ class CnnDetector(DetectorDeployment):
     def load(self):
         from serve_app.models.res10 import Res10Detector
 
-        return Res10Detector(weights.find(self.options.prototxt, self.model_dir),
-                             weights.find(self.options.weights, self.model_dir),
-                             blob_sizes=self.options.blob_sizes,
-                             min_inside=self.options.min_inside)
+        return Res10Detector(
+            weights.find(self.options.prototxt, self.model_dir),
+            weights.find(self.options.weights, self.model_dir),
+            blob_sizes=self.options.blob_sizes,
+            min_inside=self.options.min_inside,
+        )
 
     def run(self, model, image_bgr, params):
         return model.detect(image_bgr, confidence=params["confidence"])

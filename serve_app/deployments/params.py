@@ -18,8 +18,13 @@ class Param:
     help: str = ""
 
     def describe(self) -> dict[str, Any]:
-        return {"type": self.type.__name__, "default": self.default, "min": self.lo,
-                "max": self.hi, "help": self.help}
+        return {
+            "type": self.type.__name__,
+            "default": self.default,
+            "min": self.lo,
+            "max": self.hi,
+            "help": self.help,
+        }
 
 
 def _convert(name: str, spec: Param, raw: Any) -> Any:
@@ -54,8 +59,11 @@ def parse_params(specs: Mapping[str, Param], raw: Mapping[str, Any]) -> dict[str
     unknown = sorted(set(raw) - set(specs))
     if unknown:
         raise InputError(
-            422, "unknown_parameter",
+            422,
+            "unknown_parameter",
             f"unknown parameter(s) {unknown}; this model takes {sorted(specs)}",
         )
-    return {name: (_convert(name, spec, raw[name]) if name in raw else spec.default)
-            for name, spec in specs.items()}
+    return {
+        name: (_convert(name, spec, raw[name]) if name in raw else spec.default)
+        for name, spec in specs.items()
+    }

@@ -19,7 +19,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     if info is None or info.format not in DECODABLE:
         kind = "an unsupported image type" if info else "not an image"
         raise InputError(
-            415, "unsupported_media_type",
+            415,
+            "unsupported_media_type",
             f"{kind}; send JPEG, PNG, WebP, BMP or TIFF bytes, or an image URL",
         )
     check_pixels(info, max_pixels)

@@ -84,10 +84,12 @@ async def _replay(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def _from_multipart(request: Request, body: bytes, max_bytes: int,
-                          fetch: Fetcher) -> ImageRequest:
-    parser = MultiPartParser(request.headers, _replay(body), max_files=4, max_fields=64,
-                             max_part_size=max_bytes)
+async def _from_multipart(
+    request: Request, body: bytes, max_bytes: int, fetch: Fetcher
+) -> ImageRequest:
+    parser = MultiPartParser(
+        request.headers, _replay(body), max_files=4, max_fields=64, max_part_size=max_bytes
+    )
     try:
         form = await parser.parse()
     except MultiPartException as err:
@@ -104,8 +106,9 @@ async def _from_multipart(request: Request, body: bytes, max_bytes: int,
     if upload is None and url:
         return ImageRequest(await fetch(url), "url", url=url, params=params)
     if upload is None:
-        raise InputError(400, "no_file",
-                         f"multipart body has no file field (expected one of {FILE_FIELDS})")
+        raise InputError(
+            400, "no_file", f"multipart body has no file field (expected one of {FILE_FIELDS})"
+        )
     data = await upload.read()
     return ImageRequest(data, "upload", filename=upload.filename, params=params)
 
@@ -138,8 +141,11 @@ async def parse_image_request(request: Request, *, max_bytes: int, fetch: Fetche
     elif (url := looks_like_url(body)) is not None:
         image = ImageRequest(await fetch(url), "url", url=url)
     elif not body:
-        raise InputError(400, "empty_body",
-                         "no image: send image bytes, a multipart upload, JSON or an image URL")
+        raise InputError(
+            400,
+            "empty_body",
+            "no image: send image bytes, a multipart upload, JSON or an image URL",
+        )
     else:
         image = ImageRequest(body, "body")
     query = {k: v for k, v in request.query_params.items() if k not in RESERVED_QUERY}

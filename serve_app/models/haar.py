@@ -1,4 +1,4 @@
-"""OpenCV Haar cascade face detector (the seed's `face-detect-opencv` and `basic-face-detection`)."""
+"""OpenCV Haar cascade face detector (the seeds' `face-detect-opencv`, `basic-face-detection`)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ class HaarDetector:
         # Histogram equalisation would change answers vs the seed functions, which ran
         # detectMultiScale on the plain gray image.
         boxes = self._cascade.detectMultiScale(
-            gray, scaleFactor=scale_factor, minNeighbors=min_neighbors,
+            gray,
+            scaleFactor=scale_factor,
+            minNeighbors=min_neighbors,
             minSize=(min_size, min_size),
         )
         # Haar gives no score; 1.0 keeps the JSON schema uniform across detectors.

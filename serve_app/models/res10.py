@@ -24,8 +24,13 @@ NMS_IOU = 0.4
 
 
 class Res10Detector:
-    def __init__(self, prototxt: str | Path, caffemodel: str | Path,
-                 blob_sizes: Sequence[int] = (600, 300), min_inside: float = 0.8) -> None:
+    def __init__(
+        self,
+        prototxt: str | Path,
+        caffemodel: str | Path,
+        blob_sizes: Sequence[int] = (600, 300),
+        min_inside: float = 0.8,
+    ) -> None:
         self._net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
         self.blob_sizes = tuple(blob_sizes)
         self.min_inside = min_inside
@@ -38,18 +43,24 @@ class Res10Detector:
 
     def detect(self, image_bgr: np.ndarray, *, confidence: float = 0.85) -> list[Detection]:
         h, w = image_bgr.shape[:2]
-        faces = [f for size in self.blob_sizes
-                 for f in boxes_from_rows(self.forward(image_bgr, size), w, h, confidence,
-                                          self.min_inside)]
+        faces = [
+            f
+            for size in self.blob_sizes
+            for f in boxes_from_rows(
+                self.forward(image_bgr, size), w, h, confidence, self.min_inside
+            )
+        ]
         if len(self.blob_sizes) < 2 or len(faces) < 2:
             return faces
-        keep = cv2.dnn.NMSBoxes([[f.x, f.y, f.w, f.h] for f in faces],
-                                [f.score for f in faces], confidence, NMS_IOU)
+        keep = cv2.dnn.NMSBoxes(
+            [[f.x, f.y, f.w, f.h] for f in faces], [f.score for f in faces], confidence, NMS_IOU
+        )
         return sorted((faces[i] for i in np.asarray(keep).ravel()), key=lambda f: -f.score)
 
 
-def boxes_from_rows(rows: np.ndarray, width: int, height: int, confidence: float,
-                    min_inside: float) -> list[Detection]:
+def boxes_from_rows(
+    rows: np.ndarray, width: int, height: int, confidence: float, min_inside: float
+) -> list[Detection]:
     """Boxes at or above `confidence` with at least `min_inside` of their area in the image."""
     faces = []
     for row in rows:
