@@ -1,0 +1,230 @@
+"""Image type and size from the header bytes, without decoding any pixel data.
+
+This runs on untrusted bytes before a decoder sees them, so that a tiny file announcing a
+60000x60000 canvas (a decompression bomb) is refused before anything allocates for it. Every
+parser below bounds-checks and gives up quietly: garbage yields ``None``, a recognised but
+truncated or malformed header yields an ``ImageInfo`` whose dimensions are ``None``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import InputError
+
+FORMATS = frozenset({"jpeg", "png", "webp", "bmp", "gif", "tiff"})
+
+# Enough leading bytes for sniff() to tell whether something is one of FORMATS at all (the
+# longest signature is RIFF....WEBP); the dimensions may need more.
+SNIFF_PREFIX_BYTES = 32
+
+# A JPEG may put many segments before its frame header; real files need a handful to a few
+# dozen. The cap keeps a hostile file of millions of tiny segments from costing seconds.
+_MAX_JPEG_SEGMENTS = 1024
+_MAX_TIFF_ENTRIES = 1024
+
+# SOF0..SOF15, minus the markers in that range that are not frame headers.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
+
+# BITMAPCOREHEADER, OS/2 v2 (short and full), BITMAPINFOHEADER, V2, V3, V4, V5.
+_BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+
+_Dims = tuple[int | None, int | None]
+_UNKNOWN: _Dims = (None, None)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int | None = None
+    height: int | None = None
+
+    @property
+    def pixels(self) -> int | None:
+        if self.width is None or self.height is None:
+            return None
+        return self.width * self.height
+
+
+def sniff(data: bytes | bytearray | memoryview) -> ImageInfo | None:
+    """Recognise an image from its leading bytes; ``None`` if it is none of ``FORMATS``."""
+    try:
+        b = bytes(data) if isinstance(data, memoryview) else data
+        if not isinstance(b, bytes | bytearray):
+            return None
+        fmt = _format_of(b)
+    except Exception:  # hostile input must never turn into a 500
+        return None
+    if fmt is None:
+        return None
+    try:
+        width, height = _PARSERS[fmt](b)
+    except Exception:  # the parsers bounds-check; this is the backstop for a missed case
+        width, height = _UNKNOWN
+    width, height = _positive(width), _positive(height)
+    if width is None or height is None:  # half a size is no size
+        return ImageInfo(fmt)
+    return ImageInfo(fmt, width, height)
+
+
+def check_pixels(info: ImageInfo | None, max_pixels: int) -> None:
+    """Refuse an image whose announced canvas exceeds ``max_pixels``.
+
+    Unknown dimensions pass: they come from files too malformed to parse, which the decoder
+    will reject, and the decoder keeps its own (larger) allocation limit as a second line.
+    """
+    if info is None or info.width is None or info.height is None:
+        return
+    pixels = info.width * info.height
+    if pixels > max_pixels:
+        raise InputError(
+            413,
+            "too_many_pixels",
+            f"{info.format} image is {info.width}x{info.height} "
+            f"({pixels / 1e6:.1f} MP); the limit is {max_pixels / 1e6:.1f} MP",
+        )
+
+
+def _positive(v: int | None) -> int | None:
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def _format_of(b: bytes | bytearray) -> str | None:
+    if b[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if b[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if b[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if len(b) >= 12 and b[:4] == b"RIFF" and b[8:12] == b"WEBP":
+        return "webp"
+    if b[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if b[:2] == b"BM":
+        # Two bytes are a weak signature (any text starting "BM..."), so also demand a
+        # plausible DIB header size once there are enough bytes to read it.
+        if len(b) < 18:
+            return "bmp"
+        return "bmp" if struct.unpack_from("<I", b, 14)[0] in _BMP_DIB_SIZES else None
+    return None
+
+
+def _png(b: bytes | bytearray) -> _Dims:
+    # IHDR must be the first chunk: length(4) "IHDR" width(4) height(4), big-endian.
+    if len(b) < 24 or b[12:16] != b"IHDR":
+        return _UNKNOWN
+    return struct.unpack_from(">II", b, 16)
+
+
+def _gif(b: bytes | bytearray) -> _Dims:
+    # Logical screen descriptor right after the signature; frames are clipped to it.
+    if len(b) < 10:
+        return _UNKNOWN
+    return struct.unpack_from("<HH", b, 6)
+
+
+def _bmp(b: bytes | bytearray) -> _Dims:
+    if len(b) < 18:
+        return _UNKNOWN
+    dib = struct.unpack_from("<I", b, 14)[0]
+    if dib == 12:  # BITMAPCOREHEADER: unsigned 16-bit
+        return struct.unpack_from("<HH", b, 18) if len(b) >= 22 else _UNKNOWN
+    if len(b) < 26:
+        return _UNKNOWN
+    width, height = struct.unpack_from("<ii", b, 18)
+    return width, abs(height)  # negative height means top-down rows, not a negative size
+
+
+def _webp(b: bytes | bytearray) -> _Dims:
+    chunk = b[12:16]
+    if chunk == b"VP8 ":
+        # Lossy: 3-byte frame tag, start code 9d 01 2a, then 14-bit sizes (top 2 bits = scale).
+        if len(b) < 30 or b[23:26] != b"\x9d\x01\x2a":
+            return _UNKNOWN
+        width, height = struct.unpack_from("<HH", b, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":
+        # Lossless: signature byte 0x2f, then (width-1) and (height-1) as 14-bit fields.
+        if len(b) < 25 or b[20] != 0x2F:
+            return _UNKNOWN
+        bits = struct.unpack_from("<I", b, 21)[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        # Extended: flags(1) reserved(3), then canvas (width-1), (height-1) as 24-bit LE.
+        if len(b) < 30:
+            return _UNKNOWN
+        width = int.from_bytes(b[24:27], "little") + 1
+        height = int.from_bytes(b[27:30], "little") + 1
+        return width, height
+    return _UNKNOWN
+
+
+def _jpeg(b: bytes | bytearray) -> _Dims:
+    n = len(b)
+    i = 2
+    for _ in range(_MAX_JPEG_SEGMENTS):
+        # Like libjpeg, skip stray bytes between segments rather than give up on them.
+        i = b.find(b"\xff", i)
+        if i < 0:
+            return _UNKNOWN
+        while i < n and b[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            return _UNKNOWN
+        marker = b[i]
+        i += 1
+        if marker == 0x00 or marker in _JPEG_STANDALONE:
+            continue
+        if marker in (0xD9, 0xDA):  # EOI, or SOS: entropy-coded data and still no frame
+            return _UNKNOWN
+        if i + 2 > n:
+            return _UNKNOWN
+        length = struct.unpack_from(">H", b, i)[0]
+        if length < 2:
+            return _UNKNOWN
+        if marker in _JPEG_SOF:
+            # length(2) precision(1) height(2) width(2); height 0 means "defined by DNL later".
+            if i + 7 > n:
+                return _UNKNOWN
+            height, width = struct.unpack_from(">HH", b, i + 3)
+            return width, height
+        i += length
+    return _UNKNOWN
+
+
+def _tiff(b: bytes | bytearray) -> _Dims:
+    if b[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 64-bit offsets, not worth a parser here
+        return _UNKNOWN
+    end = "<" if b[:2] == b"II" else ">"
+    n = len(b)
+    if n < 8:
+        return _UNKNOWN
+    ifd = struct.unpack_from(end + "I", b, 4)[0]
+    if ifd + 2 > n:
+        return _UNKNOWN
+    count = struct.unpack_from(end + "H", b, ifd)[0]
+    dims: dict[int, int] = {}
+    for k in range(min(count, _MAX_TIFF_ENTRIES)):
+        p = ifd + 2 + 12 * k
+        if p + 12 > n:
+            break
+        tag, typ, num = struct.unpack_from(end + "HHI", b, p)
+        if tag not in (256, 257) or num < 1:  # ImageWidth, ImageLength
+            continue
+        if typ == 3:  # SHORT, left-justified in the 4-byte value field
+            dims[tag] = struct.unpack_from(end + "H", b, p + 8)[0]
+        elif typ == 4:  # LONG
+            dims[tag] = struct.unpack_from(end + "I", b, p + 8)[0]
+    return dims.get(256), dims.get(257)
+
+
+_PARSERS = {
+    "png": _png,
+    "jpeg": _jpeg,
+    "gif": _gif,
+    "webp": _webp,
+    "tiff": _tiff,
+    "bmp": _bmp,
+}
