@@ -10,9 +10,15 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve_app.config import MODEL_KINDS, ROUTER_DEPLOYMENT, parse_app_settings
+from serve_app.config import (
+    JOBS_DEPLOYMENT,
+    MODEL_KINDS,
+    ROUTER_DEPLOYMENT,
+    parse_app_settings,
+)
 from serve_app.deployments.base import validate_options
 from serve_app.deployments.detectors import DETECTORS
+from serve_app.jobs import JobManager
 from serve_app.router import Router
 
 
@@ -34,4 +40,6 @@ def build_app(args: dict[str, Any]) -> Application:
         handles[name] = cls.options(name=name).bind(
             name, model.options, settings.model_dir, settings.limits.max_pixels
         )
-    return Router.options(name=ROUTER_DEPLOYMENT).bind(settings.model_dump(), handles)
+    plain = settings.model_dump()
+    jobs = JobManager.options(name=JOBS_DEPLOYMENT).bind(plain, handles)
+    return Router.options(name=ROUTER_DEPLOYMENT).bind(plain, handles, jobs)

@@ -35,6 +35,7 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "sam-mobile": "segmenter",
 }
 ROUTER_DEPLOYMENT = "router"
+JOBS_DEPLOYMENT = "jobs"
 
 
 class ConfigError(ValueError):
@@ -172,11 +173,11 @@ def validate_config(cfg: dict[str, Any]) -> AppSettings:
 
 def _check_deployments(cfg: dict, app: dict, settings: AppSettings) -> None:
     deps = {d["name"]: d for d in app.get("deployments") or []}
-    expected = set(settings.models) | {ROUTER_DEPLOYMENT}
+    expected = set(settings.models) | {ROUTER_DEPLOYMENT, JOBS_DEPLOYMENT}
     if set(deps) != expected:
         missing, extra = sorted(expected - set(deps)), sorted(set(deps) - expected)
         raise ConfigError(
-            f"deployments must list exactly the router and args.models; "
+            f"deployments must list exactly router, jobs and args.models; "
             f"missing {missing}, not in args.models {extra}"
         )
     for name, dep in deps.items():

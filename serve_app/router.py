@@ -7,11 +7,12 @@ plain-data answer into an HTTP response. It knows model names and kinds, nothing
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -26,6 +27,9 @@ from serve_app.inputs.request import parse_image_request
 log = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 2
 INFO_TIMEOUT_S = 5.0
+WEB_DIR = Path(__file__).resolve().parent / "web"
+# Request fields that make a segmentation request prompted rather than automatic.
+PROMPT_KEYS = ("points", "boxes")
 
 api = FastAPI(
     title="visionserve",
@@ -79,9 +83,15 @@ async def _validation_error(_: Request, err: RequestValidationError) -> JSONResp
 @serve.deployment
 @serve.ingress(api)
 class Router:
-    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        models: dict[str, DeploymentHandle],
+        jobs: DeploymentHandle,
+    ) -> None:
         self.settings = AppSettings.model_validate(settings)
         self.models = models
+        self.jobs = jobs
         self.limits = self.settings.limits
 
     # -- helpers -----------------------------------------------------------------------
@@ -149,30 +159,84 @@ class Router:
     @api.post("/v1/detect/{model}")
     async def detect(self, model: str, request: Request) -> Response:
         self._handle(model, "detector")
-        output = request.query_params.get("format", "json")
-        return await self._detect(model, request, output)
+        return await self._run(model, "detect", request, request.query_params.get("format", "json"))
 
     @api.post("/function/{name}")
     async def function(self, name: str, request: Request) -> Response:
+        """OpenFaaS-compatible: body = image URL or bytes; answer = the annotated image."""
         # faas-cli appends the namespace (`.openfaas-fn`); model names have no dots.
         model = name.split(".", 1)[0]
         self._handle(model)
         default = "base64" if model == "basic-face-detection" else "jpeg"
-        return await self._detect(model, request, request.query_params.get("format", default))
+        output = request.query_params.get("format", default)
+        method = "detect" if MODEL_KINDS[model] == "detector" else "generate"
+        return await self._run(model, method, request, output)
 
-    async def _detect(self, model: str, request: Request, output: str) -> Response:
+    async def _run(self, model: str, method: str, request: Request, output: str) -> Response:
         image = await parse_image_request(
             request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
         )
-        result = await self._call(model, "detect", image.data, image.params, output, image.filename)
+        result = await self._call(model, method, image.data, image.params, output, image.filename)
+        return self._answer(result, output)
+
+    @staticmethod
+    def _answer(result: dict[str, Any], output: str) -> Response:
+        """A model's plain-data result as HTTP: the image, base64 text, or JSON."""
+        headers = {"X-Count": str(result.get("count", ""))}
         if "image" in result:
-            return Response(
-                result["image"],
-                media_type=result["media_type"],
-                headers={"X-Faces": str(result["count"])},
-            )
+            return Response(result["image"], media_type=result["media_type"], headers=headers)
         if output == "base64":
-            return PlainTextResponse(
-                result["image_base64"], headers={"X-Faces": str(result["count"])}
-            )
+            return PlainTextResponse(result["image_base64"], headers=headers)
         return JSONResponse(result)
+
+    # -- Segment Anything --------------------------------------------------------------
+    @api.post("/v1/segment/{model}")
+    async def segment(self, model: str, request: Request) -> Response:
+        """Masks for an image: prompted (points/labels/boxes given) or automatic (none)."""
+        self._handle(model, "segmenter")
+        output = request.query_params.get("format", "json")
+        image = await parse_image_request(
+            request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
+        )
+        prompted = any(k in image.params for k in PROMPT_KEYS)
+        method = "segment" if prompted else "generate"
+        result = await self._call(model, method, image.data, image.params, output, image.filename)
+        return self._answer(result, output)
+
+    # -- jobs: long requests with progress ---------------------------------------------
+    @api.post("/v1/jobs/{model}", status_code=202)
+    async def submit_job(self, model: str, request: Request) -> JSONResponse:
+        self._handle(model)
+        output = request.query_params.get("format", "json")
+        image = await parse_image_request(
+            request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
+        )
+        view = await self.jobs.submit.remote(
+            model, image.data, image.params, output, image.filename
+        )
+        return JSONResponse(view, status_code=202, headers={"Location": view["status_url"]})
+
+    @api.get("/v1/jobs")
+    async def list_jobs(self) -> dict[str, Any]:
+        return {"jobs": await self.jobs.list.remote()}
+
+    @api.get("/v1/jobs/{job_id}")
+    async def job_status(self, job_id: str) -> dict[str, Any]:
+        return await self.jobs.status.remote(job_id)
+
+    @api.get("/v1/jobs/{job_id}/result")
+    async def job_result(self, job_id: str) -> Response:
+        done = await self.jobs.result.remote(job_id)
+        return self._answer(done["result"], done["output"])
+
+    # -- web page ----------------------------------------------------------------------
+    @api.get("/", include_in_schema=False)
+    async def index(self) -> Response:
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> Response:
+        path = (WEB_DIR / name).resolve()
+        if path.parent != WEB_DIR or not path.is_file():
+            raise InputError(404, "not_found", f"no static file {name!r}")
+        return FileResponse(path)

@@ -1,0 +1,304 @@
+"""Segment Anything deployments: one Serve deployment per SAM variant, one class for all.
+
+A replica owns one model: it decodes the image, runs automatic mask generation (optionally
+streaming progress events for the jobs API) or prompted segmentation with a cache of image
+embeddings, and renders the masks as JSON (COCO RLE) or as the seed's coloured overlay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, Literal
+
+import cv2
+import numpy as np
+from ray import serve
+
+from serve_app.deployments.base import BaseOptions, ModelDeployment
+from serve_app.deployments.params import Param, parse_params
+from serve_app.inputs.decode import decode_image
+from serve_app.inputs.errors import InputError
+from serve_app.models import weights
+from serve_app.rendering.encode import MEDIA_TYPES, encode_image
+
+OUTPUTS = ("json", "jpeg", "png")
+OVERLAY_ALPHA = 0.35
+
+
+class SamOptions(BaseOptions):
+    variant: Literal["vit_b", "vit_l", "vit_h", "mobile", "tiny"]
+    weights: str | None = None  # registry name in serve_app.models.weights
+    # Runs the real code with untrained weights: for tests and benchmarks only, and
+    # reported as such in /v1/models, since the masks mean nothing.
+    random_weights: bool = False
+    device: str = "auto"
+    points_per_side: int = 32
+    max_points_per_side: int = 64
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+    embedding_cache_bytes: int = 256 * 2**20
+    max_prompts: int = 64
+
+
+class SamSegmenter(ModelDeployment):
+    KIND = "segmenter"
+    Options = SamOptions
+    PARAMS: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        o = self.options
+        self.PARAMS = {
+            "points_per_side": Param(
+                int, o.points_per_side, 1, o.max_points_per_side, "prompt grid per image side"
+            ),
+            "pred_iou_thresh": Param(float, o.pred_iou_thresh, 0.0, 1.0, "minimum predicted IoU"),
+            "stability_score_thresh": Param(
+                float, o.stability_score_thresh, 0.0, 1.0, "minimum stability score"
+            ),
+            "box_nms_thresh": Param(float, o.box_nms_thresh, 0.0, 1.0, "box IoU for NMS"),
+            "min_mask_region_area": Param(
+                int, o.min_mask_region_area, 0, 10**8, "remove smaller holes and islands"
+            ),
+            "seed": Param(int, 0, 0, 2**31 - 1, "overlay colour seed"),
+        }
+
+    # -- ModelDeployment ---------------------------------------------------------------
+    def required_weights(self) -> list[str]:
+        if self.options.random_weights or not self.options.weights:
+            return []
+        return [self.options.weights]
+
+    def load(self) -> Any:
+        import torch
+
+        from serve_app.models.sam.prompt import PromptedSegmenter
+        from serve_app.models.sam.registry import build_sam
+
+        torch.set_num_threads(self.threads)
+        checkpoint = None
+        if not self.options.random_weights:
+            checkpoint = weights.find(self.options.weights, self.model_dir)
+        sam = build_sam(self.options.variant, checkpoint, device=self.options.device)
+        self.prompted = PromptedSegmenter(sam, cache_bytes=self.options.embedding_cache_bytes)
+        return sam
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "variant": self.options.variant,
+            "random_weights": self.options.random_weights,
+            "parameters": {k: p.describe() for k, p in self.PARAMS.items()},
+        }
+
+    # -- automatic masks ---------------------------------------------------------------
+    async def generate(
+        self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
+    ) -> dict[str, Any]:
+        p, model = self._prepare(params, output)
+        return await asyncio.to_thread(self._generate, model, data, p, output, filename, None)
+
+    async def generate_stream(
+        self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Progress events `{"progress", "stage"}`, then one `{"result": ...}`."""
+        p, model = self._prepare(params, output)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def progress(fraction: float, stage: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, {"progress": fraction, "stage": stage})
+
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self._generate, model, data, p, output, filename, progress)
+        )
+        while not work.done():
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        while not events.empty():
+            yield events.get_nowait()
+        yield {"result": work.result()}
+
+    def _prepare(self, params: dict[str, Any], output: str) -> tuple[dict[str, Any], Any]:
+        if output not in OUTPUTS:
+            raise InputError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
+        return parse_params(self.PARAMS, params), self.ready_model()
+
+    def _generate(self, model, data, p, output, filename, progress) -> dict[str, Any]:
+        from serve_app.models.sam.amg import FastMaskGenerator
+
+        t0 = time.perf_counter()
+        image = decode_image(data, max_pixels=self.max_pixels)
+        t1 = time.perf_counter()
+        generator = FastMaskGenerator(
+            model,
+            points_per_side=p["points_per_side"],
+            points_per_batch=self.options.points_per_batch,
+            pred_iou_thresh=p["pred_iou_thresh"],
+            stability_score_thresh=p["stability_score_thresh"],
+            box_nms_thresh=p["box_nms_thresh"],
+            min_mask_region_area=p["min_mask_region_area"],
+        )
+        masks = generator.generate(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), progress=progress)
+        t2 = time.perf_counter()
+        result = self._render(image, masks, p, output, filename, "automatic")
+        result["timing_ms"] = _timing(t0, t1, t2, time.perf_counter())
+        return result
+
+    # -- prompted masks ----------------------------------------------------------------
+    async def segment(
+        self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
+    ) -> dict[str, Any]:
+        params = dict(params)
+        prompts = parse_prompts(
+            params.pop("points", None),
+            params.pop("labels", None),
+            params.pop("boxes", None),
+            params.pop("multimask", None),
+            self.options.max_prompts,
+        )
+        p, model = self._prepare(params, output)
+        return await asyncio.to_thread(self._segment, data, prompts, p, output, filename)
+
+    def _segment(self, data, prompts, p, output, filename) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        image = decode_image(data, max_pixels=self.max_pixels)
+        h, w = image.shape[:2]
+        check_prompts_inside(prompts, w, h)
+        t1 = time.perf_counter()
+        key = hashlib.sha256(data).hexdigest()
+        masks = self.prompted.segment(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), key, **prompts)
+        t2 = time.perf_counter()
+        result = self._render(image, masks, p, output, filename, "prompted")
+        result["cached_embedding"] = bool(getattr(self.prompted, "last_hit", False))
+        result["timing_ms"] = _timing(t0, t1, t2, time.perf_counter())
+        return result
+
+    # -- rendering ---------------------------------------------------------------------
+    def _render(self, image, masks, p, output, filename, mode) -> dict[str, Any]:
+        from serve_app.rendering.masks import overlay
+
+        result: dict[str, Any] = {
+            "model": self.name,
+            "mode": mode,
+            "filename": filename,
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "count": len(masks),
+            "parameters": p,
+        }
+        if output == "json":
+            result["masks"] = [mask_json(m) for m in masks]
+        else:
+            drawn = overlay(image, masks, alpha=OVERLAY_ALPHA, seed=p.get("seed", 0))
+            result["image"] = encode_image(drawn, output)
+            result["media_type"] = MEDIA_TYPES[output]
+        return result
+
+
+def mask_json(mask: Any) -> dict[str, Any]:
+    return {
+        "segmentation": mask.rle,
+        "bbox": [int(v) for v in mask.bbox],
+        "area": int(mask.area),
+        "predicted_iou": round(float(mask.predicted_iou), 5),
+        "stability_score": round(float(mask.stability_score), 5),
+    }
+
+
+def _timing(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
+    return {
+        "decode": round((t1 - t0) * 1e3, 2),
+        "inference": round((t2 - t1) * 1e3, 2),
+        "render": round((t3 - t2) * 1e3, 2),
+        "total": round((t3 - t0) * 1e3, 2),
+    }
+
+
+def _as_list(name: str, value: Any) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # query string / form field: JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise InputError(422, "bad_prompt", f"{name} must be a JSON list") from None
+    if not isinstance(value, list):
+        raise InputError(422, "bad_prompt", f"{name} must be a list")
+    return value
+
+
+def _numbers(name: str, rows: list, width: int) -> np.ndarray:
+    try:
+        arr = np.asarray(rows, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(422, "bad_prompt", f"{name} must hold numbers") from None
+    if arr.ndim != 2 or arr.shape[1] != width or not np.isfinite(arr).all():
+        raise InputError(422, "bad_prompt", f"{name} must be a list of {width}-number lists")
+    return arr
+
+
+def parse_prompts(points, labels, boxes, multimask, max_prompts: int) -> dict[str, Any]:
+    """Validated prompts: points (N x 2) with labels (N,), boxes (M x 4), multimask flag."""
+    points, labels, boxes = (
+        _as_list("points", points),
+        _as_list("labels", labels),
+        _as_list("boxes", boxes),
+    )
+    if not points and not boxes:
+        raise InputError(422, "bad_prompt", "give `points` and/or `boxes`")
+    out: dict[str, Any] = {"points": None, "labels": None, "boxes": None}
+    if points:
+        pts = _numbers("points", points, 2)
+        lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels)
+        if lab.shape != (len(pts),) or not np.isin(lab, (0, 1)).all():
+            raise InputError(422, "bad_prompt", "labels must be one 0/1 per point")
+        out["points"], out["labels"] = pts, lab.astype(np.int64)
+    if boxes:
+        bx = _numbers("boxes", boxes, 4)
+        if ((bx[:, 2] <= bx[:, 0]) | (bx[:, 3] <= bx[:, 1])).any():
+            raise InputError(422, "bad_prompt", "boxes are [x0, y0, x1, y1] with x1>x0, y1>y0")
+        out["boxes"] = bx
+    count = max(
+        len(out["points"]) if out["points"] is not None else 0,
+        len(out["boxes"]) if out["boxes"] is not None else 0,
+    )
+    if count > max_prompts:
+        raise InputError(422, "bad_prompt", f"at most {max_prompts} points or boxes")
+    out["multimask"] = str(multimask).lower() in ("1", "true", "yes") if multimask else False
+    return out
+
+
+def check_prompts_inside(prompts: dict[str, Any], width: int, height: int) -> None:
+    for name in ("points", "boxes"):
+        arr = prompts[name]
+        if arr is None:
+            continue
+        xs, ys = arr[:, 0::2], arr[:, 1::2]
+        if (xs < 0).any() or (ys < 0).any() or (xs > width).any() or (ys > height).any():
+            raise InputError(
+                422, "bad_prompt", f"{name} must lie inside the {width}x{height} image"
+            )
+
+
+@serve.deployment
+class SamDeployment(SamSegmenter):
+    """One SAM variant; the config names it (sam-segmentation-light, sam-segmentation, ...)."""
+
+
+SEGMENTERS: dict[str, Any] = {
+    "sam-segmentation-light": SamDeployment,
+    "sam-segmentation": SamDeployment,
+    "sam-vit-h": SamDeployment,
+    "sam-mobile": SamDeployment,
+}

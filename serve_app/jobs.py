@@ -1,0 +1,175 @@
+"""Long requests as jobs: submit -> id -> status with progress -> result.
+
+One `jobs` deployment (a single replica, so every router replica sees the same jobs) runs
+each job as an asyncio task that calls the model deployment. Segmenters stream progress
+events while they work; detectors answer in one step. A job may name a callback URL, which
+gets the result POSTed once it is done (OpenFaaS's async-function contract).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.config import MODEL_KINDS, AppSettings
+from serve_app.errors import ModelUnavailable
+from serve_app.inputs.errors import InputError
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class Job:
+    id: str
+    model: str
+    output: str
+    created: float = field(default_factory=time.time)
+    status: str = "queued"  # queued | running | done | failed
+    progress: float = 0.0
+    stage: str = "queued"
+    started: float | None = None
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    callback_url: str | None = None
+    callback_status: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        end = self.finished or time.time()
+        return {
+            "id": self.id,
+            "model": self.model,
+            "status": self.status,
+            "progress": round(self.progress, 4),
+            "stage": self.stage,
+            "created_at": self.created,
+            "duration_s": round(end - self.started, 3) if self.started else None,
+            "error": self.error,
+            "callback": self.callback_status,
+            "status_url": f"/v1/jobs/{self.id}",
+            "result_url": f"/v1/jobs/{self.id}/result",
+        }
+
+
+@serve.deployment
+class JobManager:
+    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        self.settings = AppSettings.model_validate(settings)
+        self.models = models
+        self.jobs: dict[str, Job] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def _evict(self) -> None:
+        now = time.time()
+        ttl = self.settings.jobs.ttl_s
+        for job_id, job in list(self.jobs.items()):
+            if job.finished and now - job.finished > ttl:
+                del self.jobs[job_id]
+
+    async def submit(
+        self,
+        model: str,
+        data: bytes,
+        params: dict[str, Any],
+        output: str,
+        filename: str | None = None,
+        callback_url: str | None = None,
+        job_id: str | None = None,
+    ) -> dict[str, Any]:
+        self._evict()
+        active = sum(1 for j in self.jobs.values() if j.status in ("queued", "running"))
+        if active >= self.settings.jobs.max_jobs:
+            raise ModelUnavailable(
+                "too_many_jobs",
+                f"{active} jobs are queued or running (jobs.max_jobs); retry later",
+            )
+        job = Job(job_id or uuid.uuid4().hex, model, output, callback_url=callback_url)
+        self.jobs[job.id] = job
+        task = asyncio.create_task(self._run(job, data, params, filename))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job.view()
+
+    async def _run(
+        self, job: Job, data: bytes, params: dict[str, Any], filename: str | None
+    ) -> None:
+        job.status, job.started, job.stage = "running", time.time(), "starting"
+        handle = self.models[job.model]
+        timeout = self.settings.models[job.model].timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                if MODEL_KINDS[job.model] == "segmenter":
+                    stream = handle.options(stream=True).generate_stream.remote(
+                        data, params, job.output, filename
+                    )
+                    async for event in stream:
+                        if "result" in event:
+                            job.result = event["result"]
+                        else:
+                            job.progress = float(event.get("progress", job.progress))
+                            job.stage = str(event.get("stage", job.stage))
+                else:
+                    job.result = await handle.detect.remote(data, params, job.output, filename)
+            if job.result is None:
+                raise RuntimeError("the model finished without a result")
+            job.status, job.progress, job.stage = "done", 1.0, "done"
+        except TimeoutError:
+            job.status = "failed"
+            job.error = {"error": "timeout", "detail": f"not done within {timeout} s"}
+        except (InputError, ModelUnavailable) as err:
+            job.status = "failed"
+            job.error = {"error": err.error, "detail": err.detail, "status": err.status}
+        except Exception as err:  # a crashed replica must not take the job table with it
+            log.exception("job %s failed", job.id)
+            job.status = "failed"
+            job.error = {"error": "internal", "detail": f"{type(err).__name__}: {err}"}
+        finally:
+            job.finished = time.time()
+        if job.callback_url:
+            await self._callback(job)
+
+    async def _callback(self, job: Job) -> None:
+        from serve_app.callbacks import post_callback
+
+        job.callback_status = await post_callback(job, self.settings)
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        return self._get(job_id).view()
+
+    async def result(self, job_id: str) -> dict[str, Any]:
+        job = self._get(job_id)
+        if job.status == "failed":
+            err = job.error or {}
+            raise InputError(
+                int(err.get("status", 500)),
+                err.get("error", "failed"),
+                err.get("detail", "job failed"),
+            )
+        if job.status != "done":
+            raise InputError(
+                409,
+                "not_done",
+                f"job {job_id} is {job.status} ({job.progress:.0%}); poll /v1/jobs/{job_id}",
+            )
+        return {"output": job.output, "result": job.result or {}}
+
+    async def list(self) -> list[dict[str, Any]]:
+        self._evict()
+        return [j.view() for j in self.jobs.values()]
+
+    def _get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise InputError(
+                404,
+                "unknown_job",
+                f"no job {job_id!r} (finished jobs are kept {self.settings.jobs.ttl_s:.0f} s)",
+            )
+        return job
