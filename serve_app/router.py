@@ -10,14 +10,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.api import api
 from serve_app.config import MODEL_KINDS, AppSettings
 from serve_app.errors import ModelUnavailable
 from serve_app.inputs.errors import InputError
@@ -25,59 +23,10 @@ from serve_app.inputs.fetch import fetch_url
 from serve_app.inputs.request import parse_image_request
 
 log = logging.getLogger("ray.serve")
-RETRY_AFTER_S = 2
 INFO_TIMEOUT_S = 5.0
 WEB_DIR = Path(__file__).resolve().parent / "web"
 # Request fields that make a segmentation request prompted rather than automatic.
 PROMPT_KEYS = ("points", "boxes")
-
-api = FastAPI(
-    title="visionserve",
-    version="0.1.0",
-    description="Face detection and Segment Anything as HTTP functions (Ray Serve).",
-)
-
-
-def error_response(
-    status: int, error: str, detail: str, headers: dict | None = None
-) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
-
-
-@api.exception_handler(InputError)
-async def _input_error(_: Request, err: InputError) -> JSONResponse:
-    return error_response(err.status, err.error, err.detail)
-
-
-@api.exception_handler(ModelUnavailable)
-async def _unavailable(_: Request, err: ModelUnavailable) -> JSONResponse:
-    return error_response(err.status, err.error, err.detail, {"Retry-After": "30"})
-
-
-@api.exception_handler(BackPressureError)
-async def _backpressure(_: Request, err: BackPressureError) -> JSONResponse:
-    return error_response(
-        503,
-        "overloaded",
-        "the model's queue is full; retry shortly",
-        {"Retry-After": str(RETRY_AFTER_S)},
-    )
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return error_response(
-        err.status_code,
-        codes.get(err.status_code, "http_error"),
-        str(err.detail),
-        getattr(err, "headers", None),
-    )
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    return error_response(422, "bad_request", str(err.errors()))
 
 
 @serve.deployment
