@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.auth import ApiKeyMiddleware
 from serve_app.errors import ModelUnavailable
 from serve_app.inputs.errors import InputError
 
@@ -24,6 +25,8 @@ api = FastAPI(
     version="0.1.0",
     description="Face detection and Segment Anything as HTTP functions (Ray Serve).",
 )
+# Here, not in router.py: serve.ingress freezes a copy of the app when it decorates Router.
+api.add_middleware(ApiKeyMiddleware)
 
 
 def error_response(

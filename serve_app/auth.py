@@ -1,0 +1,165 @@
+"""Optional API key: when configured, every route but the health check needs it.
+
+The key comes from the environment variable named by ``AppSettings.api_key_env`` (default
+``VISIONSERVE_API_KEY``; on Kubernetes, filled from a Secret). It is read once, when the router
+replica starts: rotating the key means restarting the replicas (a rolling update), which
+also keeps a request from ever seeing half of a change.
+
+Accepted credentials: ``Authorization: Bearer <key>``, or HTTP Basic whose *password* is the
+key (the user name is ignored) because ``faas-cli login`` sends Basic. ``Bearer`` with an
+empty token is what faas-cli sends when it is not logged in: it counts as no credentials.
+
+This is a pure ASGI middleware rather than Starlette's ``BaseHTTPMiddleware``: it answers
+401 before the app reads the body (an unauthenticated 8 MiB upload is not buffered) and
+leaves streaming responses alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+DEFAULT_ENV = "VISIONSERVE_API_KEY"
+# Load balancers and Kubernetes probes cannot send a key; the health check reveals nothing.
+EXEMPT_PATHS = frozenset({"/healthz"})
+REALM = "visionserve"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def api_key(env_name: str = DEFAULT_ENV) -> str | None:
+    """The key held in ``env_name``, or None when unset or blank (auth off).
+
+    Surrounding whitespace is dropped: a Secret made with ``echo key | kubectl ...`` ends in
+    a newline that no client would send.
+    """
+    value = os.environ.get(env_name, "").strip()
+    return value or None
+
+
+# The key this process enforces; set at import (default name) and again by configure_auth()
+# with the configured name when the router replica starts.
+_configured: dict[str, str | None] = {"env": DEFAULT_ENV, "key": api_key(DEFAULT_ENV)}
+
+
+def configure_auth(env_name: str) -> bool:
+    """Read the key from ``env_name`` now; returns whether auth is on. Call at replica start."""
+    _configured["env"] = env_name
+    _configured["key"] = api_key(env_name)
+    return _configured["key"] is not None
+
+
+def current_key() -> str | None:
+    return _configured["key"]
+
+
+def credentials(header: str | None) -> str | None:
+    """The secret presented in an Authorization header value: a Bearer token or a Basic password.
+
+    None means "no credentials" (absent header, or an empty Bearer token); a malformed header
+    raises ValueError with the reason.
+    """
+    if header is None:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    token = rest.strip()
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return token or None
+    if scheme == "basic":
+        if not token:
+            return None
+        try:
+            decoded = base64.b64decode(token, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise ValueError("malformed Basic credentials") from None
+        user, colon, password = decoded.partition(":")
+        if not colon:
+            raise ValueError("malformed Basic credentials (no ':')")
+        return password or None
+    raise ValueError(f"unsupported Authorization scheme {scheme[:20]!r}; use Bearer")
+
+
+def key_matches(presented: str, key: str) -> bool:
+    # Bytes, because compare_digest refuses non-ASCII str; it leaks only the length.
+    return hmac.compare_digest(presented.encode("utf-8"), key.encode("utf-8"))
+
+
+class ApiKeyMiddleware:
+    """401 for any HTTP/WebSocket request outside EXEMPT_PATHS without the right key.
+
+    ``key_source`` is asked per request (a dict lookup), so configure_auth() at replica start
+    takes effect although the app, middleware included, was built earlier; tests pass their
+    own source.
+    """
+
+    def __init__(self, app: ASGIApp, key_source: Callable[[], str | None] = current_key) -> None:
+        self.app = app
+        self.key_source = key_source
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = self.key_source()
+        if key is None or scope["type"] not in ("http", "websocket") or _exempt(scope):
+            await self.app(scope, receive, send)
+            return
+        problem = _problem(scope, key)
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        await _refuse(scope, send, problem)
+
+
+def _exempt(scope: Scope) -> bool:
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path in EXEMPT_PATHS
+
+
+def _problem(scope: Scope, key: str) -> tuple[str, str | None] | None:
+    """None if the request carries the key, else (detail, RFC 6750 error code or None)."""
+    values = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
+    if len(values) > 1:
+        return "more than one Authorization header", "invalid_request"
+    header = values[0].decode("latin-1") if values else None
+    try:
+        presented = credentials(header)
+    except ValueError as err:
+        return str(err), "invalid_request"
+    if presented is None:
+        return "this service needs an API key: send Authorization: Bearer <key>", None
+    if not key_matches(presented, key):
+        return "invalid API key", "invalid_token"
+    return None
+
+
+async def _refuse(scope: Scope, send: Send, problem: tuple[str, str | None]) -> None:
+    detail, code = problem
+    challenge = f'Bearer realm="{REALM}"' + (f', error="{code}"' if code else "")
+    if scope["type"] == "websocket":
+        # Closing before accept makes the server answer the handshake with 403.
+        await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
+        return
+    body = json.dumps({"error": "unauthorized", "detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", challenge.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
