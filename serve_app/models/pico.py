@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,12 @@ _MAX_DEPTH = 7  # node numbers (< 2**(depth+1)) are kept in uint8; the facefinde
 # Elements (windows x trees) per numpy call: large enough that Python's per-call overhead is
 # noise, small enough that the working arrays stay in cache.
 _WORK = 1 << 16
-# Window sizes with fewer windows than this share one batch instead of paying the per-batch
-# overhead of the first trees each.
+# Window sizes with fewer windows than this share batches instead of paying the per-batch
+# overhead of the first trees each; batches stay small enough for the cache.
 _BIG_SCALE = 1 << 14
-_MAX_BATCH = 1 << 16
+_BATCH = 1 << 16
+_TABLE_CACHE = 4
+_TABLE_TREES = 32
 # Merged batches smaller than this are not worth a second thread.
 _MIN_SPLIT = 1 << 12
 
@@ -153,6 +156,22 @@ class PicoCascade:
         # are few enough to merge.
         stages = np.flatnonzero(stage)
         self._split = int(stages[min(7, stages.size - 1)]) + 1
+        self._table_cache: dict[tuple[int, tuple[int, ...]], _Tables] = {}
+        self._table_lock = threading.Lock()
+
+    def _tables(self, cols: int, scales: tuple[int, ...]) -> _Tables:
+        # They depend only on the image width and the window sizes; images of one size tend to
+        # come in runs (a camera, a benchmark), so the last few are kept.
+        key = (cols, scales)
+        with self._table_lock:
+            tables = self._table_cache.get(key)
+        if tables is None:
+            tables = _Tables(self, cols, np.array(scales, dtype=np.intp))
+            with self._table_lock:
+                while len(self._table_cache) >= _TABLE_CACHE:
+                    self._table_cache.pop(next(iter(self._table_cache)))
+                self._table_cache[key] = tables
+        return tables
 
     @classmethod
     def from_file(cls, path: str | Path) -> PicoCascade:
@@ -203,30 +222,25 @@ class PicoCascade:
             cc = np.arange(offset, cols - offset + 1, step, dtype=np.intp)
             if rr.size and cc.size:
                 scales.append(scale)
-                grids.append((rr, cc))
+                grids.append(_Grid(rr, cc))
         if not scales:
             return np.empty(0, DETECTION_DTYPE)
-        scan = _Scan(self, gray.ravel(), cols, np.array(scales, dtype=np.intp))
+        scan = _Scan(self, gray, self._tables(cols, tuple(scales)))
         workers = _threads(threads)
-
-        def first(batch: _Batch) -> _Batch:
-            return scan.advance(batch, 0, self._split)
-
-        def rest(batch: _Batch) -> _Batch:
-            return scan.advance(batch, self._split, self.ntrees)
-
-        batches = _first_batches(grids, cols)
-        if workers > 1 and len(batches) > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                batches = list(pool.map(first, batches))
-        else:
-            batches = [first(b) for b in batches]
-        merged = _concat(batches)
-        if workers > 1 and merged.base.size >= 2 * _MIN_SPLIT:
-            with ThreadPoolExecutor(workers) as pool:
-                batches = list(pool.map(rest, merged.split(workers)))
-        else:
-            batches = [rest(merged)]
+        split = self._split
+        # Large window sizes alone (one size: cheaper level 0), the many small ones together.
+        firsts = []
+        small = []
+        for k, grid in enumerate(grids):
+            if grid.size >= _BIG_SCALE:
+                firsts += _Batch.of_grid(k, grid, cols).split_max(_BATCH)
+            else:
+                small.append(_Batch.of_grid(k, grid, cols))
+        if small:
+            firsts += _concat(small).split_max(_BATCH)
+        merged = _concat(_map(lambda b: scan.advance(b, 0, split), firsts, workers))
+        parts = merged.split(workers if merged.base.size >= 2 * _MIN_SPLIT else 1)
+        batches = _map(lambda b: scan.advance(b, split, self.ntrees), parts, workers)
         done = _concat(batches)
         q = done.out - self.thresholds[-1]
         keep = q > 0
@@ -297,6 +311,18 @@ class PicoCascade:
         ]
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """The windows of one size: centre rows x centre cols."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.rows.size * self.cols.size
+
+
 @dataclass
 class _Batch:
     """Windows at the same point of the cascade: flat index of the centre pixel, window-size
@@ -306,10 +332,18 @@ class _Batch:
     slot: np.ndarray
     out: np.ndarray
 
+    @classmethod
+    def of_grid(cls, slot: int, grid: _Grid, cols: int) -> _Batch:
+        base = (grid.rows[:, None] * cols + grid.cols[None, :]).reshape(-1)
+        return cls(base, np.full(base.size, slot, np.intp), np.zeros(base.size, np.float32))
+
     def split(self, n: int) -> list[_Batch]:
         cuts = np.linspace(0, self.base.size, n + 1).astype(np.intp)
         return [_Batch(self.base[a:b], self.slot[a:b], self.out[a:b])
                 for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+    def split_max(self, size: int) -> list[_Batch]:
+        return self.split(max(1, -(-self.base.size // size)))
 
 
 def _concat(batches: list[_Batch]) -> _Batch:
@@ -317,45 +351,64 @@ def _concat(batches: list[_Batch]) -> _Batch:
                     for f in ("base", "slot", "out")))
 
 
-def _first_batches(grids: list[tuple[np.ndarray, np.ndarray]], cols: int) -> list[_Batch]:
-    """Every window, batched by window size; the many small sizes share a batch."""
-    batches, small = [], []
-    for slot, (rr, cc) in enumerate(grids):
-        base = (rr[:, None] * cols + cc[None, :]).reshape(-1)
-        if base.size >= _BIG_SCALE:
-            for part in np.array_split(base, -(-base.size // _MAX_BATCH)):
-                batches.append(_Batch(part, np.full(part.size, slot, np.intp),
-                                      np.zeros(part.size, np.float32)))
-        else:
-            small.append(_Batch(base, np.full(base.size, slot, np.intp),
-                                np.zeros(base.size, np.float32)))
-    if small:
-        batches.append(_concat(small))
-    return batches
+def _map(fn, batches: list[_Batch], workers: int) -> list[_Batch]:
+    if workers > 1 and len(batches) > 1:
+        with ThreadPoolExecutor(min(workers, len(batches))) as pool:
+            return list(pool.map(fn, batches))
+    return [fn(b) for b in batches]
+
+
+class _Tables:
+    """Per window size, the flat pixel offsets of both test points of every node.
+
+    pigo reads ((r*256 + code*s) >> 8)*dim + ((c*256 + code*s) >> 8); r*256 being a multiple of
+    256 that is r*dim + c + ((code_r*s) >> 8)*dim + ((code_c*s) >> 8): the window's own flat
+    index plus a constant per (tree, node, size). numpy's >> on signed ints is arithmetic like
+    Go's, so negative codes round towards -inf as they must. pigo's scan keeps every tested pixel
+    inside the image (offset = s/2 + 1 > the largest reach), so no bounds checks are needed.
+    """
+
+    def __init__(self, cascade: PicoCascade, cols: int, scales: np.ndarray) -> None:
+        self.scales = scales
+        self._cols = cols
+        self._code_idx = cascade._code_idx  # (4, trees, leaves)
+        # shift[k, v + 128] = (v * scales[k]) >> 8 for every int8 code v.
+        self._shift = (np.arange(-128, 128, dtype=np.intp)[None, :] * scales[:, None]) >> 8
+        # (trees, sizes, leaves): one tree's table for all sizes is contiguous. Filled on
+        # demand, front to back: most windows die early and the back is rarely all needed.
+        self.off1 = np.empty((cascade.ntrees, scales.size, cascade._leaves), np.intp)
+        self.off2 = np.empty_like(self.off1)
+        self._ready = 0
+        self._lock = threading.Lock()
+
+    def ensure(self, upto: int) -> None:
+        """Make the tables of trees < upto valid."""
+        if upto <= self._ready:
+            return
+        with self._lock:
+            start = self._ready
+            if upto <= start:
+                return
+            stop = min(self.off1.shape[0], max(upto, start + _TABLE_TREES))
+            ci = self._code_idx[:, start:stop]
+            for k in range(self.scales.size):
+                col = self._shift[k]
+                row = col * self._cols
+                self.off1[start:stop, k] = row[ci[0]] + col[ci[1]]
+                self.off2[start:stop, k] = row[ci[2]] + col[ci[3]]
+            self._ready = stop
 
 
 class _Scan:
-    """One image at several window sizes: per-size pixel offsets and the tree loop."""
+    """One image at several window sizes: the tree loops."""
 
-    def __init__(self, cascade: PicoCascade, flat: np.ndarray, cols: int,
-                 scales: np.ndarray) -> None:
+    def __init__(self, cascade: PicoCascade, gray: np.ndarray, tables: _Tables) -> None:
         self.cascade = cascade
-        self.flat = flat
-        self.scales = scales
-        # pigo reads ((r*256 + code*s) >> 8)*dim + ((c*256 + code*s) >> 8); r*256 being a
-        # multiple of 256 that is r*dim + c + ((code_r*s) >> 8)*dim + ((code_c*s) >> 8): the
-        # window's own flat index plus a constant per (tree, node, size). numpy's >> on signed
-        # ints is arithmetic like Go's, so negative codes round towards -inf as they must.
-        # pigo's scan keeps every tested pixel inside the image, so no bounds are needed.
-        shift = (np.arange(-128, 128, dtype=np.intp)[None, :] * scales[:, None]) >> 8
-        ci = cascade._code_idx
-        ntrees, leaves = cascade.ntrees, cascade._leaves
-        self.off1 = np.empty((ntrees, scales.size, leaves), np.intp)
-        self.off2 = np.empty_like(self.off1)
-        for k in range(scales.size):
-            row, col = shift[k] * cols, shift[k]
-            self.off1[:, k] = row[ci[0]] + col[ci[1]]
-            self.off2[:, k] = row[ci[2]] + col[ci[3]]
+        self.gray = gray
+        self.flat = gray.reshape(-1)
+        self.tables = tables
+        self.scales = tables.scales
+        self.off1, self.off2 = tables.off1, tables.off2
 
     def advance(self, batch: _Batch, t0: int, t1: int) -> _Batch:
         """Run trees t0..t1-1 on the batch; return the windows still alive, in order."""
@@ -373,6 +426,7 @@ class _Scan:
         while t < t1 and base.size:
             n = base.size
             g = int(max(1, min(min(c._group_end[t], t1) - t, _WORK // n)))
+            self.tables.ensure(t + g)
             shape = (g, n)
             node, key, addr = (x[:g * n].reshape(shape) for x in (buf_node, buf_key, buf_addr))
             p1, p2, le, n8 = (x[:g * n].reshape(shape) for x in (buf_p1, buf_p2, buf_le, buf_n8))
