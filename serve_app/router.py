@@ -21,6 +21,7 @@ from serve_app.errors import ModelUnavailable
 from serve_app.inputs.errors import InputError
 from serve_app.inputs.fetch import fetch_url
 from serve_app.inputs.request import parse_image_request
+from serve_app.openfaas import OpenFaaSRoutes
 
 log = logging.getLogger("ray.serve")
 INFO_TIMEOUT_S = 5.0
@@ -31,7 +32,7 @@ PROMPT_KEYS = ("points", "boxes")
 
 @serve.deployment
 @serve.ingress(api)
-class Router:
+class Router(OpenFaaSRoutes):
     def __init__(
         self,
         settings: dict[str, Any],

@@ -20,6 +20,10 @@ The defence, per hop:
 
 URLs with userinfo (``http://user:pw@host/``) are refused: nobody needs to send credentials
 to an image URL through us, and ``@`` is the classic parser-confusion trick.
+
+``post_url`` sends a body (job callbacks) under the same rules 1-4, and follows no redirect
+at all: replaying a POST body to wherever a 3xx points is exactly the proxying refused here.
+``check_url`` runs 1-3 alone, to refuse a URL before accepting work that will use it later.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -49,6 +53,9 @@ _MAX_URL_CHARS = 8192
 # failure would multiply the connect timeout.
 _MAX_ADDRESSES_TRIED = 3
 _USER_AGENT = "visionserve-fetch/1"
+_POST_USER_AGENT = "visionserve-callback/1"
+# A callback receiver's answer is read only to free the connection: its content is unused.
+_POST_MAX_RESPONSE_BYTES = 64 * 1024
 
 # Characters on which URL parsers disagree (WHATWG reads "\" as "/", strips tabs/newlines,
 # ...) or that have no business in a URL we accept.
@@ -139,6 +146,71 @@ async def fetch_url(
     except TimeoutError:
         raise InputError(
             422, "fetch_timeout", f"gave up fetching {_show(url)} after {total_timeout_s:g} s"
+        ) from None
+
+
+async def check_url(
+    url: str, *, allow_hosts: Sequence[str] = (), resolve_timeout_s: float = 5.0
+) -> None:
+    """Refuse ``url`` now if ``fetch_url``/``post_url`` would refuse it; connect to nothing.
+
+    For URLs used later (callbacks), so that a bad one is a 400 before any work is accepted.
+    The answer holds for the addresses the name has now; the later request resolves and
+    checks again, so a name re-pointed at a private address meanwhile is still refused.
+
+    Raises ``InputError``: 400 bad_url / fetch_refused, 422 fetch_failed / fetch_timeout.
+    """
+    allow = compile_allow_hosts(tuple(allow_hosts))
+    settings = _Settings(
+        max_bytes=0,
+        timeout=httpx.Timeout(resolve_timeout_s),
+        resolve_timeout_s=resolve_timeout_s,
+        ssl_context=_default_ssl_context(),
+    )
+    await _resolve_and_check(_parse_url(url), allow, settings)
+
+
+async def post_url(
+    url: str,
+    body: bytes,
+    *,
+    headers: Mapping[str, str],
+    connect_timeout_s: float,
+    read_timeout_s: float,
+    allow_hosts: Sequence[str] = (),
+    total_timeout_s: float | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
+    """POST ``body`` to ``url`` with ``fetch_url``'s address rules; return the HTTP status.
+
+    Redirects are not followed: a 3xx is returned like any other status. ``headers`` may not
+    override Host (it names the checked endpoint). ``total_timeout_s`` bounds the whole call,
+    by default ``connect + 2 * read`` (send, then answer).
+
+    Raises ``InputError``: 400 bad_url / fetch_refused, 422 fetch_failed / fetch_timeout.
+    """
+    allow = compile_allow_hosts(tuple(allow_hosts))
+    if total_timeout_s is None:
+        total_timeout_s = connect_timeout_s + 2 * read_timeout_s
+    settings = _Settings(
+        max_bytes=_POST_MAX_RESPONSE_BYTES,
+        timeout=httpx.Timeout(
+            connect=connect_timeout_s,
+            read=read_timeout_s,
+            write=read_timeout_s,
+            pool=connect_timeout_s,
+        ),
+        resolve_timeout_s=connect_timeout_s,
+        ssl_context=ssl_context if ssl_context is not None else _default_ssl_context(),
+    )
+    try:
+        async with asyncio.timeout(total_timeout_s):
+            target = _parse_url(url)
+            endpoint = await _resolve_and_check(target, allow, settings)
+            return await _post(target, endpoint, body, headers, settings)
+    except TimeoutError:
+        raise InputError(
+            422, "fetch_timeout", f"gave up posting to {_show(url)} after {total_timeout_s:g} s"
         ) from None
 
 
@@ -510,6 +582,77 @@ def _refuse_non_image(data: bytes, response: httpx.Response) -> None:
             "not_an_image",
             f"the URL did not return a JPEG, PNG, WebP, BMP, GIF or TIFF image ({ctype})",
         )
+
+
+async def _post(
+    target: _Target,
+    endpoint: _Endpoint,
+    body: bytes,
+    headers: Mapping[str, str],
+    settings: _Settings,
+) -> int:
+    """One POST against the checked addresses. The next address is tried only when the
+    connection failed, i.e. before any of the body can have been delivered."""
+    last_error: httpx.ConnectError | None = None
+    for ip in endpoint.addresses[:_MAX_ADDRESSES_TRIED]:
+        try:
+            return await _post_to(target, ip, endpoint, body, headers, settings)
+        except httpx.ConnectError as exc:
+            last_error = exc
+        except httpx.TimeoutException as exc:
+            phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else "posting to"
+            raise InputError(422, "fetch_timeout", f"timed out {phase} {target.name}") from None
+        except httpx.HTTPError as exc:
+            raise InputError(
+                422, "fetch_failed", f"error talking to {target.name}: {_describe(exc)}"
+            ) from None
+    raise InputError(
+        422, "fetch_failed", f"could not connect to {target.name}: {_describe(last_error)}"
+    )
+
+
+async def _post_to(
+    target: _Target,
+    ip: IPAddress,
+    endpoint: _Endpoint,
+    body: bytes,
+    headers: Mapping[str, str],
+    settings: _Settings,
+) -> int:
+    # Same shape as _get_from: the IP literal is what gets connected to, the name goes into
+    # Host and SNI, and the client is fresh so no pooled connection crosses names.
+    raw_path = quote(target.path, safe=_PATH_SAFE)
+    if target.query:
+        raw_path += "?" + quote(target.query, safe=_QUERY_SAFE)
+    try:
+        request_url = httpx.URL(
+            scheme=target.scheme, host=str(ip), port=target.port, raw_path=raw_path.encode()
+        )
+    except httpx.InvalidURL as exc:
+        raise InputError(400, "bad_url", f"invalid URL: {exc}") from None
+    sent = {k: v for k, v in headers.items() if k.lower() != "host"}
+    sent.setdefault("User-Agent", _POST_USER_AGENT)
+    sent["Host"] = endpoint.authority
+    extensions = {"sni_hostname": endpoint.server_name} if target.scheme == "https" else {}
+    async with (
+        httpx.AsyncClient(
+            verify=settings.ssl_context,
+            trust_env=False,
+            follow_redirects=False,
+            timeout=settings.timeout,
+        ) as client,
+        client.stream(
+            "POST", request_url, content=body, headers=sent, extensions=extensions
+        ) as response,
+    ):
+        # Drain a little of the answer so a well-behaved server sees a clean exchange; a
+        # chatty one is cut off rather than read in full.
+        received = 0
+        async for chunk in response.aiter_raw():
+            received += len(chunk)
+            if received >= settings.max_bytes:
+                break
+        return response.status_code
 
 
 @functools.cache
