@@ -31,7 +31,7 @@ def test_shipped_config_fits_a_two_core_laptop(cfg):
     mem = sum(d["ray_actor_options"]["memory"] * d["autoscaling_config"]["min_replicas"]
               for d in deps)
     assert cpus <= 2.0
-    assert mem <= 14 * 2**30  # Ray's `memory` resource on 24 GB is ~14.8 GiB
+    assert mem <= 12 * 2**30  # Ray offers ~14.8 GiB on an idle 24 GB machine, less on a busy one
 
 
 def _mutate(cfg, fn):
