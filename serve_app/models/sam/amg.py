@@ -1,0 +1,289 @@
+"""Automatic mask generation: SamAutomaticMaskGenerator's output, at flat memory.
+
+The reference upsamples all three float masks of every point to the full image before it
+filters anything (about 9 GB per 64-point batch at 12 MP). Here every filter runs at a
+size that does not depend on the image, and only the masks that survive NMS are ever
+built at full resolution, one at a time, straight into COCO RLE:
+
+1. Encoder as upstream (SamPredictor.set_image).
+2. Per batch of points: the decoder's transformer (decoder.FastDecoder), the IoU head,
+   then the upscaler only for points with a mask above `pred_iou_thresh`, and only over
+   the unpadded part of the image.
+3. Per batch, in chunks: stability score and box.
+   * Original no larger than the model input (long side <= 1024): exactly the
+     reference's computation at full size, which is then the smaller size anyway.
+   * Larger originals: stability at the model-input scale (the reference's own
+     intermediate 1024-scale logits); masks within `stability_margin` of the threshold
+     are re-scored at full resolution, exactly. Boxes at full resolution from a few rows
+     and columns per edge (resample.BandBoxes).
+   Survivors keep their low-res logit crop (at most 256x256 floats), not a full mask.
+4. Box NMS over all survivors, as the reference (same boxes, scores and order).
+5. Each kept mask: decoded at full resolution (bit-identical to the reference's resize),
+   stability/area/box measured on it, optional small-region removal (then a second NMS,
+   as the reference), and encoded to RLE before the next one is decoded.
+
+Not implemented: crop layers (`crop_n_layers > 0`); the single full-image layer is what
+the service uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from segment_anything.utils.amg import (
+    batched_mask_to_box,
+    build_all_layer_point_grids,
+    remove_small_regions,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import Tensor, nn
+from torchvision.ops.boxes import batched_nms
+
+from serve_app.models.sam.decoder import FastDecoder
+from serve_app.models.sam.encoder import Embedding, check_image, embed, model_device
+from serve_app.models.sam.records import MaskRecord, xyxy_to_xywh
+from serve_app.models.sam.resample import (
+    BandBoxes,
+    FullResDecoder,
+    Geometry,
+    geometry,
+    mask_box,
+    stability_score,
+    to_input_scale,
+    to_orig,
+)
+from serve_app.rendering import rle as rle_codec
+
+Progress = Callable[[float, str], None]
+
+# Share of the progress bar per stage (rough CPU time shares at 32x32 points).
+_ENCODER, _DECODER = 0.2, 0.75
+
+
+@dataclass
+class _Survivors:
+    """Masks that passed the per-batch filters, waiting for NMS."""
+
+    low: list[Tensor] = field(default_factory=list)  # each (lh, lw) float logits
+    iou: list[Tensor] = field(default_factory=list)
+    boxes: list[Tensor] = field(default_factory=list)  # XYXY, original pixels
+    points: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, low: Tensor, iou: Tensor, boxes: Tensor, points: np.ndarray) -> None:
+        self.low.extend(low.unbind(0))  # `low` is a compact copy made by indexing
+        self.iou.append(iou)
+        self.boxes.append(boxes)
+        self.points.append(points)
+
+    def __len__(self) -> int:
+        return len(self.low)
+
+
+class FastMaskGenerator:
+    """Drop-in for SamAutomaticMaskGenerator's single-layer options; see module doc."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        point_grids: list[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        stability_margin: float = 0.02,
+        chunk: int = 16,
+    ) -> None:
+        if crop_n_layers != 0:
+            raise NotImplementedError("crop layers are not implemented (crop_n_layers=0)")
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("give exactly one of points_per_side and point_grids")
+        if points_per_side is not None:
+            grid = build_all_layer_point_grids(points_per_side, 0, 1)[0]
+        else:
+            grid = point_grids[0]
+        self.model = model
+        self.point_grid = grid
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.min_mask_region_area = min_mask_region_area
+        self.stability_margin = stability_margin
+        self.chunk = chunk
+        self.decoder = FastDecoder(model)
+        self.mask_threshold = float(model.mask_threshold)
+
+    # -- public ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, image_rgb: np.ndarray, progress: Progress | None = None) -> list[MaskRecord]:
+        """Masks for an HxWx3 uint8 RGB image, in the reference's order (by predicted
+        IoU, after NMS)."""
+        check_image(image_rgb)
+        report = progress or (lambda fraction, stage: None)
+        report(0.0, "encoder")
+        emb = embed(self.model, image_rgb)
+        report(_ENCODER, "encoder")
+        g = geometry(
+            emb.orig_hw,
+            self.model.image_encoder.img_size,
+            self.model.prompt_encoder.mask_input_size[0],
+        )
+        survivors = self._decode_all(emb, g, report)
+        if not len(survivors):
+            report(1.0, "postprocess")
+            return []
+        iou = torch.cat(survivors.iou)
+        boxes = torch.cat(survivors.boxes)
+        points = np.concatenate(survivors.points)
+        keep = batched_nms(boxes.float(), iou, torch.zeros(len(boxes)), self.box_nms_thresh)
+        report(_ENCODER + _DECODER, "postprocess")
+        return self._finish(survivors.low, iou, points, keep.tolist(), g, report)
+
+    # -- stage 2-3: decoder and per-batch filters ------------------------------------
+    def _decode_all(self, emb: Embedding, g: Geometry, report: Progress) -> _Survivors:
+        h, w = emb.orig_hw
+        points_all = self.point_grid * np.array([[w, h]])
+        transform = ResizeLongestSide(self.model.image_encoder.img_size)
+        device = model_device(self.model)
+        n_batches = -(-len(points_all) // self.points_per_batch)
+        bands = BandBoxes(g) if g.upsamples else None
+        survivors = _Survivors()
+        for b in range(n_batches):
+            points = points_all[b * self.points_per_batch : (b + 1) * self.points_per_batch]
+            coords = torch.as_tensor(transform.apply_coords(points, (h, w)), device=device)
+            labels = torch.ones(len(points), dtype=torch.int, device=device)
+            sparse, dense = self.model.prompt_encoder(
+                points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+            )
+            state = self.decoder.run(emb.features, sparse, dense)
+            iou = self.decoder.iou(state)  # (B, 3)
+            keep = iou > self.pred_iou_thresh
+            if self.pred_iou_thresh <= 0:
+                keep = torch.ones_like(keep)
+            select = torch.nonzero(keep.any(1)).flatten()
+            if len(select):
+                low = self.decoder.masks(state, select, *g.grid_hw)
+                low = low[..., : g.low_hw[0], : g.low_hw[1]]
+                keep = keep[select]
+                # Point-major order (point, mask) as the reference flattens its batches.
+                self._filter(
+                    low[keep],
+                    iou[select][keep],
+                    points[select.numpy()].repeat(3, axis=0)[keep.flatten().numpy()],
+                    g,
+                    bands,
+                    survivors,
+                )
+            del state
+            report(_ENCODER + _DECODER * (b + 1) / n_batches, f"decoder batch {b + 1}/{n_batches}")
+        return survivors
+
+    def _filter(
+        self,
+        low: Tensor,
+        iou: Tensor,
+        points: np.ndarray,
+        g: Geometry,
+        bands: BandBoxes | None,
+        out: _Survivors,
+    ) -> None:
+        thr, off = self.mask_threshold, self.stability_score_offset
+        s_thr = self.stability_score_thresh
+        for i in range(0, len(low), self.chunk):
+            lc, ic, pc = (
+                low[i : i + self.chunk],
+                iou[i : i + self.chunk],
+                points[i : i + self.chunk],
+            )
+            inter = to_input_scale(lc, g)
+            if bands is None:  # small original: the reference's own full-size path
+                full = to_orig(inter, g)
+                stab = stability_score(full, thr, off)
+                keep = stab >= s_thr if s_thr > 0 else torch.ones_like(stab, dtype=torch.bool)
+                boxes = batched_mask_to_box(full[keep] > thr)
+            else:
+                stab = stability_score(inter, thr, off)
+                keep = self._stability_keep(stab, lc, g)
+                boxes = bands(inter[keep], thr)
+            del inter
+            if bool(keep.any()):
+                out.add(lc[keep], ic[keep], boxes, pc[keep.numpy()])
+
+    def _stability_keep(self, stab: Tensor, low: Tensor, g: Geometry) -> Tensor:
+        s_thr = self.stability_score_thresh
+        if s_thr <= 0:
+            return torch.ones_like(stab, dtype=torch.bool)
+        keep = stab >= s_thr
+        unsure = (stab - s_thr).abs() < self.stability_margin
+        if bool(unsure.any()):
+            decoder = FullResDecoder(g)
+            for j in torch.nonzero(unsure).flatten().tolist():
+                d = decoder.decode(low[j], self.mask_threshold, self.stability_score_offset)
+                keep[j] = d.stability >= s_thr
+        return keep
+
+    # -- stage 5: full-resolution records ---------------------------------------------
+    def _finish(
+        self,
+        low: list[Tensor],
+        iou: Tensor,
+        points: np.ndarray,
+        keep: list[int],
+        g: Geometry,
+        report: Progress,
+    ) -> list[MaskRecord]:
+        decoder = FullResDecoder(g)
+        records: list[MaskRecord] = []
+        unchanged: list[float] = []
+        start = _ENCODER + _DECODER
+        for n, idx in enumerate(keep):
+            d = decoder.decode(low[idx], self.mask_threshold, self.stability_score_offset)
+            mask, box, area, same = d.mask, d.box, d.area, True
+            if self.min_mask_region_area > 0:
+                mask, same = _remove_small_regions(mask.view(np.bool_), self.min_mask_region_area)
+                if not same:
+                    box, area = mask_box(mask), int(mask.sum())
+            records.append(
+                MaskRecord(
+                    rle=rle_codec.encode(mask),
+                    bbox=xyxy_to_xywh(box),
+                    area=area,
+                    predicted_iou=float(iou[idx]),
+                    stability_score=d.stability,
+                    point_coords=[points[idx].tolist()],
+                )
+            )
+            unchanged.append(float(same))
+            report(start + (1 - start) * (n + 1) / len(keep), "postprocess")
+        if self.min_mask_region_area > 0 and records:
+            # As the reference: prefer masks that needed no cleaning, drop new duplicates.
+            boxes = torch.tensor([_xyxy(r.bbox) for r in records], dtype=torch.float)
+            again = batched_nms(
+                boxes,
+                torch.tensor(unchanged),
+                torch.zeros(len(records)),
+                max(self.box_nms_thresh, 0.7),
+            )
+            records = [records[i] for i in again.tolist()]
+        report(1.0, "postprocess")
+        return records
+
+
+def _remove_small_regions(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, bool]:
+    """segment_anything's holes-then-islands clean-up; returns (mask, unchanged)."""
+    mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
+    mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
+    return mask, not (changed_holes or changed_islands)
+
+
+def _xyxy(bbox: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    x, y, w, h = bbox
+    return (x, y, x + w, y + h)
