@@ -40,7 +40,7 @@ _WORK = 1 << 16
 # overhead of the first trees each; batches stay small enough for the cache.
 _BIG_SCALE = 1 << 14
 _BATCH = 1 << 16
-_TABLE_CACHE = 4
+_TABLE_CACHE = 2
 _TABLE_TREES = 32
 # Merged batches smaller than this are not worth a second thread.
 _MIN_SPLIT = 1 << 12
