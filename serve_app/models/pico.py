@@ -441,6 +441,7 @@ class _Scan:
                 tab2 = off2[t:t + g].reshape(-1)
                 key0 = (np.arange(g, dtype=np.intp) * (self.scales.size * leaves))[:, None] \
                     + slot[None, :] * leaves
+            plain = key0.shape == (1, 1) and key0[0, 0] == 0  # the node number is the key
             # Level 0: every window is at node 1.
             np.add(np.take(tab1, key0 + 1), base, out=addr)
             np.take(flat, addr, out=p1, mode="clip")
@@ -451,7 +452,10 @@ class _Scan:
             for _ in range(1, depth):
                 # Node numbers stay uint8 (cheap arithmetic); take() wants intp indices.
                 np.copyto(node, n8)
-                np.add(node, key0, out=key)
+                if plain:
+                    key = node
+                else:
+                    np.add(node, key0, out=key)
                 np.take(tab1, key, out=addr, mode="clip")
                 addr += base
                 np.take(flat, addr, out=p1, mode="clip")
