@@ -6,11 +6,13 @@ through a pseudo-terminal (pexpect), so prompts, progress output and exit codes 
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import cv2
@@ -33,10 +35,11 @@ def clean_env() -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: Path | None = None, timeout: float = 180,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*COMMAND, *args], capture_output=True, text=False, cwd=cwd, env=clean_env(),
-        timeout=timeout,
+        [*COMMAND, *args], capture_output=True, text=False, cwd=cwd,
+        env={**clean_env(), **(env or {})}, timeout=timeout,
     )
 
 
@@ -118,6 +121,44 @@ def test_missing_weights_exits_5_with_the_fetch_command(url, sample, tmp_path):
     err = text(r.stderr)
     assert r.returncode == 5, err
     assert "503 weights_missing" in err and "python -m serve_app.models fetch sam_vit_h" in err
+
+
+class _KeyedModels(http.server.BaseHTTPRequestHandler):
+    """/v1/models behind a bearer key, as the service answers once API keys are on."""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.headers.get("Authorization") == "Bearer right-key":
+            status, body = 200, {"models": [{"name": "m", "kind": "detector",
+                                              "status": "ready", "parameters": {}}]}
+        else:
+            status, body = 401, {"error": "unauthorized", "detail": "missing or wrong API key"}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_api_key_is_sent_as_a_bearer_token():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeyedModels)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        r = cli("--url", url, "models", timeout=60)
+        assert r.returncode == 4
+        assert "401 unauthorized: missing or wrong API key" in text(r.stderr)
+        assert "--api-key or VISIONSERVE_API_KEY" in text(r.stderr)
+        r = cli("--url", url, "models", env={"VISIONSERVE_API_KEY": "right-key"}, timeout=60)
+        assert r.returncode == 0 and text(r.stdout).splitlines()[1].startswith("m ")
+        r = cli("--url", url, "models", "--api-key", "right-key", timeout=60)
+        assert r.returncode == 0
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- flag mode ----------------------------------------------------------------------------
