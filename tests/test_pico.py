@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from serve_app.models.pico import (
+    NUMBA_AVAILABLE,
     README_PARAMS,
     STORE_PARAMS,
     PicoCascade,
@@ -32,6 +33,8 @@ REF = json.loads(REFERENCE.read_text())
 IMAGES = sorted(REF["results"])
 PNGS = [name for name in IMAGES if name.endswith(".png")]
 SETS = {"store": STORE_PARAMS, "readme_defaults": README_PARAMS}
+# The numpy kernel always; the compiled one too where numba is installed.
+BACKENDS = ["numpy", "numba"] if NUMBA_AVAILABLE else ["numpy"]
 
 
 @cache
@@ -54,12 +57,12 @@ def decoded(image: str) -> np.ndarray:
 
 
 @cache
-def raw_for(image: str, pset: str, variant: str = "head") -> np.ndarray:
+def raw_for(image: str, pset: str, variant: str = "head", backend: str = "auto") -> np.ndarray:
     if variant == "head":
         gray = reference_gray(image)
     else:
         gray = to_gray_pigo(decoded(image), "bgr", variant="v1_1_0")
-    return cascade().run_cascade(gray, SETS[pset])
+    return cascade().run_cascade(gray, SETS[pset], backend=backend)
 
 
 def sha256(gray: np.ndarray) -> str:
@@ -99,11 +102,12 @@ def test_reference_gray_is_pigos(image: str) -> None:
     assert sha256(reference_gray(image)) == REF["results"][image]["gray_sha256"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pset", sorted(SETS))
 @pytest.mark.parametrize("image", IMAGES)
-def test_parity_with_pigo(image: str, pset: str) -> None:
+def test_parity_with_pigo(image: str, pset: str, backend: str) -> None:
     ref = REF["results"][image]
-    raw = raw_for(image, pset)
+    raw = raw_for(image, pset, backend=backend)
     assert_same(raw, ref[f"{pset}_raw"], f"{image}/{pset} raw windows")
     clusters = PicoCascade.cluster(raw, SETS[pset].iou_threshold)
     assert_same(clusters, ref[pset], f"{image}/{pset} clusters")
@@ -111,7 +115,7 @@ def test_parity_with_pigo(image: str, pset: str) -> None:
     assert_same(kept, ref[f"{pset}_kept"], f"{image}/{pset} kept")
     if not kept.size:
         return  # detect() would rerun the scan for nothing; the faces are the kept clusters
-    faces = cascade().detect(reference_gray(image), SETS[pset])
+    faces = cascade().detect(reference_gray(image), SETS[pset], backend=backend)
     assert [(f.x + f.w // 2, f.y + f.h // 2, f.w) for f in faces] == \
         [(e["col"], e["row"], e["scale"]) for e in ref[f"{pset}_kept"]]
 
@@ -151,11 +155,22 @@ def test_detect_on_decoded_jpeg_finds_the_face() -> None:
     assert face.score > STORE_PARAMS.q_threshold
 
 
-def test_threads_do_not_change_results() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_do_not_change_results(backend: str) -> None:
     gray = reference_gray("skimage_astronaut.png")
-    one = cascade().run_cascade(gray, STORE_PARAMS, threads=1)
-    two = cascade().run_cascade(gray, STORE_PARAMS, threads=2)
+    one = cascade().run_cascade(gray, STORE_PARAMS, threads=1, backend=backend)
+    two = cascade().run_cascade(gray, STORE_PARAMS, threads=2, backend=backend)
     assert one.tobytes() == two.tobytes() and one.size > 0
+
+
+def test_backend_choice() -> None:
+    gray = np.zeros((40, 40), np.uint8)
+    assert cascade().run_cascade(gray, backend="numpy").size == 0
+    with pytest.raises(ValueError):
+        cascade().run_cascade(gray, backend="cuda")  # type: ignore[arg-type]
+    if not NUMBA_AVAILABLE:
+        with pytest.raises(RuntimeError, match="numba"):
+            cascade().run_cascade(gray, backend="numba")
 
 
 def test_channel_order_and_gray_input() -> None:

@@ -21,6 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+try:  # optional: a compiled kernel, same results, several times faster than the numpy one
+    import numba
+except ImportError:  # pragma: no cover - depends on the environment
+    numba = None
+
 import numpy as np
 
 from serve_app.models.types import Detection
@@ -44,6 +49,10 @@ _TABLE_CACHE = 2
 _TABLE_TREES = 32
 # Merged batches smaller than this are not worth a second thread.
 _MIN_SPLIT = 1 << 12
+
+
+Backend = Literal["auto", "numpy", "numba"]
+NUMBA_AVAILABLE = numba is not None
 
 
 @dataclass(frozen=True)
@@ -205,12 +214,13 @@ class PicoCascade:
     # ------------------------------------------------------------------ scanning
 
     def run_cascade(self, gray: np.ndarray, params: PicoParams = STORE_PARAMS,
-                    threads: int | None = None) -> np.ndarray:
+                    threads: int | None = None, backend: Backend = "auto") -> np.ndarray:
         """pigo's ``RunCascade``: every window with q > 0, scale ascending, then row, then col.
 
         Returns a ``DETECTION_DTYPE`` array. ``threads`` (default: the CPU count, at most 2)
-        splits independent windows across threads, which pays because numpy releases the GIL
-        in the gathers that dominate; the result does not depend on it.
+        splits independent windows across threads (numpy and the numba kernel release the
+        GIL). ``backend``: "numba" (compiled, ~3x faster; needs numba), "numpy", or "auto" =
+        numba when it is installed. Neither choice changes the result.
         """
         gray = _check_gray(gray)
         rows, cols = gray.shape
@@ -227,6 +237,8 @@ class PicoCascade:
             return np.empty(0, DETECTION_DTYPE)
         scan = _Scan(self, gray, self._tables(cols, tuple(scales)))
         workers = _threads(threads)
+        if _use_numba(backend):
+            return scan.run_numba(grids, workers)
         split = self._split
         # Large window sizes alone (one size: cheaper level 0), the many small ones together.
         firsts = []
@@ -295,13 +307,14 @@ class PicoCascade:
         return np.array(clusters, dtype=DETECTION_DTYPE)
 
     def detect(self, gray: np.ndarray, params: PicoParams = STORE_PARAMS,
-               threads: int | None = None) -> list[Detection]:
+               threads: int | None = None, backend: Backend = "auto") -> list[Detection]:
         """Faces as the store function draws them: clusters with q > q_threshold.
 
         The box is the square window, top-left at (col - scale/2, row - scale/2) with Go's
         integer division; ``score`` is the cluster's q.
         """
-        clusters = self.cluster(self.run_cascade(gray, params, threads), params.iou_threshold)
+        raw = self.run_cascade(gray, params, threads, backend)
+        clusters = self.cluster(raw, params.iou_threshold)
         # Go compares the float32 q with the constant converted to float32.
         kept = clusters[clusters["q"] > np.float32(params.q_threshold)]
         return [
@@ -410,6 +423,39 @@ class _Scan:
         self.scales = tables.scales
         self.off1, self.off2 = tables.off1, tables.off2
 
+    def run_numba(self, grids: list[_Grid], workers: int) -> np.ndarray:
+        """The whole scan with the compiled kernel: rows of windows, split across threads."""
+        c = self.cascade
+        self.tables.ensure(c.ntrees)
+        scores = [np.zeros((g.rows.size, g.cols.size), np.float32) for g in grids]
+        cols = self.gray.shape[1]
+        # Tasks of about equal work: the windows of a size, cut into row bands.
+        band = max(1, _BATCH // 4)
+        tasks = [(k, r0, min(g.rows.size, r0 + max(1, band // g.cols.size)))
+                 for k, g in enumerate(grids)
+                 for r0 in range(0, g.rows.size, max(1, band // g.cols.size))]
+
+        def run(task: tuple[int, int, int]) -> None:
+            k, r0, r1 = task
+            _numba_scan_rows(self.flat, cols, grids[k].rows[r0:r1], grids[k].cols, self.off1,
+                             self.off2, k, c.preds, c.thresholds, c.depth, scores[k][r0:r1])
+
+        if workers > 1 and len(tasks) > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(run, tasks))
+        else:
+            for task in tasks:
+                run(task)
+        found = []
+        for k, (grid, q) in enumerate(zip(grids, scores, strict=True)):
+            r, col = np.nonzero(q > 0)  # row-major: pigo's scan order
+            dets = np.empty(r.size, DETECTION_DTYPE)
+            dets["row"], dets["col"] = grid.rows[r], grid.cols[col]
+            dets["scale"] = self.scales[k]
+            dets["q"] = q[r, col]
+            found.append(dets)
+        return np.concatenate(found)
+
     def advance(self, batch: _Batch, t0: int, t1: int) -> _Batch:
         """Run trees t0..t1-1 on the batch; return the windows still alive, in order."""
         c = self.cascade
@@ -478,6 +524,66 @@ class _Scan:
                 base, slot, out = base[alive], slot[alive], out[alive]
             t += g
         return _Batch(base, slot, out)
+
+
+def _use_numba(backend: Backend) -> bool:
+    if backend == "numba" and numba is None:
+        raise RuntimeError("backend='numba' needs the numba package")
+    if backend not in ("auto", "numpy", "numba"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'numba', got {backend!r}")
+    return numba is not None and backend != "numpy"
+
+
+# pigo's classifyRegion over rows of windows, compiled on first use (numba is optional).
+#
+# Tree by tree and level by level over a whole row of windows rather than window by window as
+# pigo does: the windows of one level are independent, so the CPU overlaps their memory
+# reads instead of waiting on one window's chain of dependent loads; the survivors of each
+# tree are compacted without branches. Sums are float32 and tested after every tree, exactly
+# as in pigo (no fastmath: the additions must happen in pigo's order).
+if numba is not None:
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def _numba_scan_rows(pix, cols, centre_rows, centre_cols, off1, off2, size, preds, thr,
+                         depth, q):
+        leaves = 1 << depth
+        ntrees = thr.shape[0]
+        nc = centre_cols.shape[0]
+        base = np.empty(nc, np.int64)
+        pos = np.empty(nc, np.int64)
+        node = np.empty(nc, np.int64)
+        out = np.empty(nc, np.float32)
+        for a in range(centre_rows.shape[0]):
+            n = nc
+            for b in range(nc):
+                base[b] = centre_rows[a] * cols + centre_cols[b]
+                pos[b] = b
+                out[b] = np.float32(0.0)
+            for t in range(ntrees):
+                t1 = off1[t, size]
+                t2 = off2[t, size]
+                for k in range(n):
+                    bs = base[k]
+                    node[k] = 2 + (pix[bs + t1[1]] <= pix[bs + t2[1]])
+                for _ in range(1, depth):
+                    for k in range(n):
+                        bs = base[k]
+                        i = node[k]
+                        node[k] = 2 * i + (pix[bs + t1[i]] <= pix[bs + t2[i]])
+                th = thr[t]
+                pt = preds[t]
+                m = 0
+                for k in range(n):
+                    o = np.float32(out[k] + pt[node[k] - leaves])
+                    base[m] = base[k]
+                    pos[m] = pos[k]
+                    out[m] = o
+                    m += o > th
+                n = m
+                if n == 0:
+                    break
+            for k in range(n):
+                q[a, pos[k]] = np.float32(out[k] - thr[ntrees - 1])
+
 
 
 def _threads(threads: int | None) -> int:
