@@ -214,8 +214,8 @@ def test_detect_default_output_name(url, sample, tmp_path):
 
 
 # -- interactive mode ----------------------------------------------------------------------
-def spawn(url: str, cwd: Path) -> pexpect.spawn:
-    return pexpect.spawn(COMMAND[0], [*COMMAND[1:], "--url", url], cwd=str(cwd),
+def spawn(url: str, cwd: Path, *args: str) -> pexpect.spawn:
+    return pexpect.spawn(COMMAND[0], [*COMMAND[1:], "--url", url, *args], cwd=str(cwd),
                          env=clean_env(), encoding="utf-8", timeout=120)
 
 
@@ -283,7 +283,7 @@ def test_segment_prompted_json_and_png(url, sample, tmp_path, sam_ready):
 
 
 def test_interactive_segment_shows_a_live_progress_bar(url, sample, tmp_path, sam_ready):
-    child = spawn(url, tmp_path)
+    child = spawn(url, tmp_path, "interactive", "--param", "points_per_side=4")
     child.expect(r"Function \(1-\d+ or name\): ")
     child.sendline(SAM_LIGHT)
     child.expect("Image URL or file path: ")

@@ -425,7 +425,11 @@ function drawMasks(ctx, data) {
   const { width, height } = data;
   const pixels = ctx.getImageData(0, 0, width, height);
   const px = pixels.data;
-  data.masks.forEach((mask, i) => {
+  // Largest first, as the service paints them, so small masks stay visible on top; the
+  // colour stays tied to the mask's place in the list.
+  const order = data.masks.map((_, i) => i).sort((a, b) => data.masks[b].area - data.masks[a].area);
+  order.forEach((i) => {
+    const mask = data.masks[i];
     const [r, g, b] = maskColor(i);
     const counts = Array.isArray(mask.segmentation.counts)
       ? mask.segmentation.counts : rleCounts(mask.segmentation.counts);
