@@ -9,6 +9,10 @@ Here every window of a batch takes the same tree at the same time, as numpy gath
 survivors are compacted after the trees that reject. Most windows die in the first few trees, so
 the first trees run on large batches (one window size each) and the long tail of the cascade on
 one merged batch of the few windows left from all sizes, several trees per numpy call.
+
+The scan is inherently large (store parameters on 1800x1200: 4.3 M windows, 11.8 M tree
+evaluations), and numpy pays ~10 array passes per tree level; where numba is installed a
+compiled kernel doing the same tree-by-tree scan runs instead (``backend``), ~2.5x faster.
 """
 
 from __future__ import annotations
