@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 from ray import serve
 
 from serve_app.deployments.base import BaseOptions, ModelDeployment
@@ -85,6 +86,9 @@ class DetectorDeployment(ModelDeployment):
 
 class PigoOptions(BaseOptions):
     weights: str = "facefinder"
+    # pigo's grayscale: "head" (the reference detections) or "v1_1_0" (what the OpenFaaS
+    # store function was built with; differs by one level on some pixels).
+    gray: Literal["head", "v1_1_0"] = "head"
 
 
 @serve.deployment
@@ -107,14 +111,18 @@ class PigoDetector(DetectorDeployment):
     def load(self):
         from serve_app.models.pico import PicoCascade
 
-        return PicoCascade.from_file(weights.find(self.options.weights, self.model_dir))
+        cascade = PicoCascade.from_file(weights.find(self.options.weights, self.model_dir))
+        # The first call compiles the numba kernel (seconds); do it before taking traffic.
+        cascade.detect(np.zeros((64, 64), np.uint8), threads=self.threads)
+        return cascade
 
     def run(self, model, image_bgr, params):
         from serve_app.models.pico import PicoParams, to_gray_pigo
 
         if params["min_size"] > params["max_size"]:
             raise InputError(422, "bad_parameter", "min_size must not exceed max_size")
-        return model.detect(to_gray_pigo(image_bgr, channel_order="bgr"), PicoParams(**params))
+        gray = to_gray_pigo(image_bgr, channel_order="bgr", variant=self.options.gray)
+        return model.detect(gray, PicoParams(**params), threads=self.threads)
 
 
 class HaarOptions(BaseOptions):
