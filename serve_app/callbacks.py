@@ -12,11 +12,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from serve_app.config import AppSettings
 from serve_app.inputs.errors import InputError
 from serve_app.inputs.fetch import post_url
+from serve_app.responses import answer
 
 if TYPE_CHECKING:
     from serve_app.jobs import Job
@@ -29,16 +30,6 @@ MAX_BACKOFF_S = 30.0
 PERMANENT_ERRORS = frozenset({"bad_url", "fetch_refused"})
 # Receiver answers worth retrying; any other 4xx means it will refuse the same body again.
 RETRY_STATUSES = frozenset({408, 425, 429})
-
-
-def answer(result: dict[str, Any], output: str) -> Response:
-    """A model's plain-data result as the HTTP answer `/function/{name}` gives."""
-    headers = {"X-Count": str(result.get("count", ""))}
-    if "image" in result:
-        return Response(result["image"], media_type=result["media_type"], headers=headers)
-    if output == "base64":
-        return PlainTextResponse(result["image_base64"], headers=headers)
-    return JSONResponse(result)
 
 
 def error_status(error: dict[str, Any]) -> int:

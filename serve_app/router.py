@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -21,7 +21,8 @@ from serve_app.errors import ModelUnavailable
 from serve_app.inputs.errors import InputError
 from serve_app.inputs.fetch import fetch_url
 from serve_app.inputs.request import parse_image_request
-from serve_app.openfaas import OpenFaaSRoutes
+from serve_app.openfaas import OpenFaaSRoutes, default_output
+from serve_app.responses import answer
 
 log = logging.getLogger("ray.serve")
 INFO_TIMEOUT_S = 5.0
@@ -96,6 +97,17 @@ class Router(OpenFaaSRoutes):
             "models": await asyncio.gather(*(self._model_info(n) for n in self.settings.models))
         }
 
+    async def _require_ready(self, model: str) -> None:
+        """Refuse work now, not after a poll, when the model cannot serve it."""
+        self._handle(model)
+        info = await self._model_info(model)
+        if info["status"] == "missing weights":
+            raise ModelUnavailable(
+                "weights_missing",
+                f"{model} needs weight file(s) {info['missing_weights']}; fetch them with: "
+                f"{info['fetch_command']}",
+            )
+
     async def _model_info(self, name: str) -> dict[str, Any]:
         base = {"name": name, "kind": MODEL_KINDS[name]}
         if not self.settings.models[name].enabled:
@@ -117,8 +129,7 @@ class Router(OpenFaaSRoutes):
         # faas-cli appends the namespace (`.openfaas-fn`); model names have no dots.
         model = name.split(".", 1)[0]
         self._handle(model)
-        default = "base64" if model == "basic-face-detection" else "jpeg"
-        output = request.query_params.get("format", default)
+        output = request.query_params.get("format", default_output(model))
         method = "detect" if MODEL_KINDS[model] == "detector" else "generate"
         return await self._run(model, method, request, output)
 
@@ -127,17 +138,7 @@ class Router(OpenFaaSRoutes):
             request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
         )
         result = await self._call(model, method, image.data, image.params, output, image.filename)
-        return self._answer(result, output)
-
-    @staticmethod
-    def _answer(result: dict[str, Any], output: str) -> Response:
-        """A model's plain-data result as HTTP: the image, base64 text, or JSON."""
-        headers = {"X-Count": str(result.get("count", ""))}
-        if "image" in result:
-            return Response(result["image"], media_type=result["media_type"], headers=headers)
-        if output == "base64":
-            return PlainTextResponse(result["image_base64"], headers=headers)
-        return JSONResponse(result)
+        return answer(result, output)
 
     # -- Segment Anything --------------------------------------------------------------
     @api.post("/v1/segment/{model}")
@@ -151,12 +152,12 @@ class Router(OpenFaaSRoutes):
         prompted = any(k in image.params for k in PROMPT_KEYS)
         method = "segment" if prompted else "generate"
         result = await self._call(model, method, image.data, image.params, output, image.filename)
-        return self._answer(result, output)
+        return answer(result, output)
 
     # -- jobs: long requests with progress ---------------------------------------------
     @api.post("/v1/jobs/{model}", status_code=202)
     async def submit_job(self, model: str, request: Request) -> JSONResponse:
-        self._handle(model)
+        await self._require_ready(model)
         output = request.query_params.get("format", "json")
         image = await parse_image_request(
             request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
@@ -177,7 +178,7 @@ class Router(OpenFaaSRoutes):
     @api.get("/v1/jobs/{job_id}/result")
     async def job_result(self, job_id: str) -> Response:
         done = await self.jobs.result.remote(job_id)
-        return self._answer(done["result"], done["output"])
+        return answer(done["result"], done["output"])
 
     # -- web page ----------------------------------------------------------------------
     @api.get("/", include_in_schema=False)
