@@ -261,11 +261,13 @@ def sample(t0: float, load: Load | None, phase: str) -> dict[str, Any]:
     from ray import serve
 
     app = serve.status().applications.get(APP_NAME)
-    replicas = {}
+    replicas, starting = {}, 0
     if app is not None:
         for name, dep in app.deployments.items():
             states = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
             replicas[name] = states.get("RUNNING", 0)
+            if name == LOADED:  # decided by Serve, waiting for a node or still importing
+                starting = states.get("STARTING", 0)
     nodes: dict[str, int] = {}
     for node in ray.nodes():
         if node["Alive"] and node["NodeID"] != FAKE_HEAD_NODE_ID:
@@ -275,6 +277,7 @@ def sample(t0: float, load: Load | None, phase: str) -> dict[str, Any]:
         "t": round(time.monotonic() - t0, 1),
         "phase": phase,
         "replicas": replicas.get(LOADED, 0),
+        "starting": starting,
         "replicas_all": sum(replicas.values()),
         "worker_nodes": sum(nodes.values()),
         "nodes": nodes,

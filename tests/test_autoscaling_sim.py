@@ -53,10 +53,11 @@ def test_load_adds_replicas_and_nodes_and_idleness_removes_them(tmp_path):
         line[len("REPORT "):] for line in output.splitlines() if line.startswith("REPORT ")))
 
     print(f"\nautoscaling timeline ({out}):")
-    print(f"{'t/s':>6} {'phase':6} {'replicas':>8} {'nodes':>5} {'ok':>6} {'failed':>6}")
+    print(f"{'t/s':>6} {'phase':6} {'replicas':>8} {'starting':>8} {'nodes':>5} {'ok':>6} "
+          f"{'failed':>6}")
     for row in report["timeline"]:
-        print(f"{row['t']:6.1f} {row['phase']:6} {row['replicas']:8d} {row['worker_nodes']:5d} "
-              f"{row['requests_ok']:6d} {row['requests_failed']:6d}")
+        print(f"{row['t']:6.1f} {row['phase']:6} {row['replicas']:8d} {row['starting']:8d} "
+              f"{row['worker_nodes']:5d} {row['requests_ok']:6d} {row['requests_failed']:6d}")
     print("marks:", report["marks"])
     s = report["summary"]
     print("summary:", s)

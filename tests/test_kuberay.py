@@ -10,6 +10,7 @@ import copy
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -284,7 +285,7 @@ def test_minikube_size_covers_the_cluster_at_min(manifest, cluster):
     cpu, mem = cluster_footprint(manifest, {})
     assert cpus >= cpu + 1 and mib * 2**20 >= mem + 2**30
     out = subprocess.run(
-        [".venv/bin/python", "-m", "kuberay.generate", "--print-minikube-size"],
+        [sys.executable, "-m", "kuberay.generate", "--print-minikube-size"],
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout.split()
     assert [int(x) for x in out] == [cpus, mib]
