@@ -21,6 +21,7 @@ KUBERAY_VERSION="1.7.0"
 IMAGE="visionserve:latest"
 WAIT_S="${WAIT_S:-1800}"
 PORT="${PORT:-8000}"
+PF_PID=""
 
 say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -107,8 +108,13 @@ build_image() {
 }
 
 apply_manifest() {
-    (cd "$REPO" && "$(python_bin)" -m kuberay.generate --check) \
-        || die "$MANIFEST is stale: run 'make kuberay' first"
+    local rc=0
+    (cd "$REPO" && "$(python_bin)" -m kuberay.generate --check) || rc=$?
+    case "$rc" in
+        0) ;;
+        1) die "$MANIFEST is stale: run 'make kuberay' first" ;;
+        *) die "could not check $MANIFEST against config/serve.yaml (run 'make setup' first)" ;;
+    esac
     if [[ -n "${VISIONSERVE_API_KEY:-}" ]]; then
         say "Secret visionserve-api-key (from VISIONSERVE_API_KEY)"
         kc create secret generic visionserve-api-key \
@@ -132,7 +138,7 @@ wait_ready() {
         reason="$(kc get rayservice "$NAME" \
             -o jsonpath='{.status.conditions[?(@.type=="Ready")].reason}' 2>/dev/null || true)"
         printf '[%4ds] Ready=%s %s\n' "$(( SECONDS - start ))" "${ready:-?}" "${reason:-}"
-        kc get pods -l "ray.io/originated-from-crd=RayService" --no-headers 2>/dev/null \
+        kc get pods -l ray.io/node-type --no-headers 2>/dev/null \
             | sed 's/^/        /' || true
         sleep 15
     done
@@ -141,7 +147,7 @@ wait_ready() {
 }
 
 smoke_test() {
-    local image="${SMOKE_IMAGE:-$REPO/../shared/data/images/pigo_sample.jpg}" pf_pid out
+    local image="${SMOKE_IMAGE:-$REPO/../shared/data/images/pigo_sample.jpg}" out
     if [[ ! -f "$image" ]]; then
         # No photo at hand: a plain grey PNG still exercises the whole path (0 faces).
         image="$(mktemp "${TMPDIR:-/tmp}/visionserve-smoke.XXXXXX")"
@@ -150,9 +156,10 @@ open(sys.argv[1], 'wb').write(cv2.imencode('.png', np.full((240, 320, 3), 128, n
             "$image" || die "set SMOKE_IMAGE to a photo"
     fi
     say "kubectl port-forward svc/$NAME-serve-svc $PORT:8000, then a detection request"
-    kc port-forward "svc/$NAME-serve-svc" "$PORT:8000" >/dev/null 2>&1 &
-    pf_pid=$!
-    trap 'kill "$pf_pid" 2>/dev/null || true' EXIT
+    # kubectl itself, not the kc function: $! must be the port-forward's own pid.
+    kubectl --context "$PROFILE" port-forward "svc/$NAME-serve-svc" "$PORT:8000" >/dev/null 2>&1 &
+    PF_PID=$!
+    trap 'kill "$PF_PID" 2>/dev/null || true' EXIT  # global: the trap runs after we return
     for _ in $(seq 1 20); do
         curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break
         sleep 1

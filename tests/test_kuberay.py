@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -311,3 +312,55 @@ def test_minikube_script_passes_shellcheck():
         pytest.skip("shellcheck is not installed (Debian package `shellcheck`)")
     result = subprocess.run(["shellcheck", "-x", str(SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+_STUB = """#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$STUB_LOG"
+case "$(basename "$0") $*" in
+  "docker info --format"*) echo "16 68719476736" ;;
+  "minikube status"*) exit 1 ;;                      # not running yet
+  *"jsonpath={.status.conditions[?(@.type==\\"Ready\\")].status}"*) echo True ;;
+  *" port-forward "*) echo $$ > "$STUB_LOG.pf"; exec sleep 60 ;;
+  "curl"*"/v1/detect/"*) echo '{"faces": []}' ;;
+esac
+exit 0
+"""
+
+
+def test_minikube_up_runs_the_documented_commands(tmp_path):
+    """`up` with stand-ins for docker, minikube, helm, kubectl and curl: the commands it runs,
+    in order, and the port-forward it starts is stopped when it exits."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("docker", "minikube", "helm", "kubectl", "curl"):
+        (bin_dir / tool).write_text(_STUB)
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "calls.log"
+    image = tmp_path / "face.jpg"
+    image.write_bytes(b"\xff\xd8\xff")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "HOME": str(tmp_path),
+           "SMOKE_IMAGE": str(image), "WAIT_S": "30"}
+    result = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    cpus, mib = (subprocess.run([sys.executable, "-m", "kuberay.generate",
+                                 "--print-minikube-size"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.split())
+    expected = [
+        f"minikube start -p visionserve --driver=docker --cpus={cpus} --memory={mib}mb",
+        "helm repo add kuberay https://ray-project.github.io/kuberay-helm/",
+        "helm upgrade --install kuberay-operator kuberay/kuberay-operator --version 1.7.0",
+        "minikube -p visionserve image build -t visionserve:latest -f kuberay/Dockerfile .",
+        f"kubectl --context visionserve apply -f {gen.MANIFEST}",
+        "kubectl --context visionserve port-forward svc/visionserve-serve-svc 8000:8000",
+        f"curl -fsS --max-time 120 --data-binary @{image} "
+        "http://127.0.0.1:8000/v1/detect/cnn-face-detection",
+    ]
+    positions = [next((i for i, c in enumerate(calls) if c.startswith(e)), -1) for e in expected]
+    assert -1 not in positions and positions == sorted(positions), "\n".join(calls)
+    pf_pid = int(Path(f"{log}.pf").read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{pf_pid}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pf_pid}").exists(), "port-forward left running"
