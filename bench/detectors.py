@@ -1,9 +1,10 @@
 """Each detector in-process vs through HTTP on the same image, in one run.
 
-In-process: the model class the replica uses, decode included, same thread count, one
-call after another. HTTP: the real Serve app (router + one replica per detector, resources
-from config/serve.yaml scaled to this run), `--concurrency` clients posting the same bytes.
-The ratio (HTTP calls/s over in-process calls/s) is what serving costs; p50/p95 per call.
+In-process: the replica's own class and code path (decode, model, JSON result), same
+thread count, called by `--concurrency` threads. HTTP: the real Serve app (router + one
+replica per detector), `--concurrency` clients posting the same bytes. Rounds alternate
+between the two so that load from elsewhere hits both alike. The ratio (HTTP calls/s over
+in-process calls/s) is what serving costs; p50/p95 per call.
 
     .venv/bin/python -m bench.detectors [--calls N] [--concurrency C] [--image PATH]
 """
@@ -17,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,44 +38,61 @@ def stats(latencies: list[float], wall: float) -> dict[str, float]:
     }
 
 
-def in_process(name: str, data: bytes, calls: int, threads: int, model_dir: Path) -> dict:
-    """The replica's own code path (decode + model + JSON result), no Serve."""
+def load_replica(name: str, threads: int, model_dir: Path) -> Any:
+    """The replica class the deployment runs, constructed outside Serve."""
     from serve_app.deployments.detectors import DETECTORS as CLASSES
-    from serve_app.deployments.params import parse_params
 
     cls = CLASSES[name].func_or_class
-    options = {"threads": threads}
-    if name == "cnn-face-detection":
-        options.update(blob_sizes=[600, 300])
-    replica = cls(name, options, str(model_dir), 50_000_000)
+    return cls(name, {"threads": threads}, str(model_dir), 50_000_000)
+
+
+def timed_calls(call: Callable[[], Any], calls: int, concurrency: int) -> tuple[list[float], float]:
+    """Latencies of `calls` calls made by `concurrency` threads, and the wall time."""
+
+    def one(_: int) -> float:
+        t = time.perf_counter()
+        call()
+        return time.perf_counter() - t
+
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, range(calls)))
+    return latencies, time.perf_counter() - start
+
+
+def measure(
+    name: str, data: bytes, url: str, client: Any, args: argparse.Namespace, model_dir: Path
+) -> dict[str, Any]:
+    """Alternate in-process and HTTP rounds so that outside load hits both sides alike."""
+    from serve_app.deployments.params import parse_params
+
+    replica = load_replica(name, args.threads, model_dir)
     model = replica.ready_model()
     params = parse_params(replica.PARAMS, {})
-    replica._detect(model, data, params, "json", None)  # warm-up
-    latencies = []
-    start = time.perf_counter()
-    for _ in range(calls):
-        t = time.perf_counter()
+
+    def local() -> None:
         replica._detect(model, data, params, "json", None)
-        latencies.append(time.perf_counter() - t)
-    return stats(latencies, time.perf_counter() - start)
 
+    def remote() -> None:
+        client.post(url, content=data).raise_for_status()
 
-def over_http(url: str, data: bytes, calls: int, concurrency: int) -> dict:
-    import httpx
-
-    with httpx.Client(timeout=60) as client:
-        for _ in range(2):  # warm-up: connections, replica code paths
-            client.post(url, content=data).raise_for_status()
-
-        def one(_: int) -> float:
-            t = time.perf_counter()
-            client.post(url, content=data).raise_for_status()
-            return time.perf_counter() - t
-
-        start = time.perf_counter()
-        with cf.ThreadPoolExecutor(concurrency) as pool:
-            latencies = list(pool.map(one, range(calls)))
-        return stats(latencies, time.perf_counter() - start)
+    for warm in (local, remote, remote):
+        warm()
+    sides: dict[str, dict[str, list[float]]] = {
+        "in_process": {"lat": [], "wall": []},
+        "http": {"lat": [], "wall": []},
+    }
+    per_round = max(1, args.calls // args.rounds)
+    for _ in range(args.rounds):
+        for side, call in (("in_process", local), ("http", remote)):
+            lat, wall = timed_calls(call, per_round, args.concurrency)
+            sides[side]["lat"] += lat
+            sides[side]["wall"].append(wall)
+    out = {side: stats(v["lat"], sum(v["wall"])) for side, v in sides.items()}
+    out["http_over_in_process"] = round(
+        out["http"]["calls_per_s"] / out["in_process"]["calls_per_s"], 3
+    )
+    return out
 
 
 def start_service(model_dir: Path, threads: int) -> str:
@@ -113,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image", type=Path, default=DATA / "images" / "pigo_sample.jpg")
     ap.add_argument("--calls", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="OpenCV threads, both sides")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "detectors.json")
@@ -130,32 +150,27 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(tempfile.mkdtemp(prefix="vs-bench-models-"))
     weights.fetch(["facefinder"], model_dir=model_dir, from_dir=DATA / "pico", progress=False)
 
-    print(f"[1/3] in-process, {args.calls} calls each, {args.threads} thread(s)", flush=True)
-    local = {n: in_process(n, data, args.calls, args.threads, model_dir) for n in DETECTORS}
-    print("[2/3] starting Ray + Serve (router + one replica per detector)", flush=True)
+    print("[1/2] starting Ray + Serve (router + one replica per detector)", flush=True)
     url = start_service(model_dir, args.threads)
-    print(f"[3/3] HTTP, {args.calls} calls each, concurrency {args.concurrency}", flush=True)
-    remote = {
-        n: over_http(f"{url}/v1/detect/{n}", data, args.calls, args.concurrency) for n in DETECTORS
-    }
+    print(
+        f"[2/2] {args.calls} calls per side per detector, concurrency {args.concurrency}, "
+        f"{args.rounds} alternating rounds",
+        flush=True,
+    )
+    import httpx
 
     rows: dict[str, Any] = {}
-    print(
-        f"\n{'detector':24} {'in-proc/s':>10} {'http/s':>8} {'ratio':>6} "
-        f"{'p50 in':>8} {'p50 http':>9} {'p95 http':>9}"
-    )
-    for n in DETECTORS:
-        ratio = remote[n]["calls_per_s"] / local[n]["calls_per_s"]
-        rows[n] = {
-            "in_process": local[n],
-            "http": remote[n],
-            "http_over_in_process": round(ratio, 3),
-        }
-        print(
-            f"{n:24} {local[n]['calls_per_s']:>10} {remote[n]['calls_per_s']:>8} "
-            f"{ratio:>6.2f} {local[n]['p50_ms']:>8} {remote[n]['p50_ms']:>9} "
-            f"{remote[n]['p95_ms']:>9}"
-        )
+    with httpx.Client(timeout=60) as client:
+        for n in DETECTORS:
+            rows[n] = measure(n, data, f"{url}/v1/detect/{n}", client, args, model_dir)
+            r = rows[n]
+            print(
+                f"  {n:24} in-process {r['in_process']['calls_per_s']:>7}/s "
+                f"http {r['http']['calls_per_s']:>7}/s  ratio {r['http_over_in_process']:.2f}  "
+                f"p50 {r['in_process']['p50_ms']} / {r['http']['p50_ms']} ms  "
+                f"p95 {r['in_process']['p95_ms']} / {r['http']['p95_ms']} ms",
+                flush=True,
+            )
     report = {
         "image": args.image.name,
         "calls": args.calls,

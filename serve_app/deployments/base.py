@@ -112,7 +112,11 @@ class ModelDeployment:
 
 
 def _assigned_resources() -> dict[str, float]:
+    # Outside a Ray worker (benchmarks, unit use) there is no assignment; asking for the
+    # runtime context there would start a Ray instance as a side effect.
+    if not ray.is_initialized():
+        return {}
     try:
         return dict(ray.get_runtime_context().get_assigned_resources())
-    except Exception:  # outside a Ray worker (unit use): no assignment to report
+    except AssertionError:  # a driver, not a worker: nothing is assigned to it
         return {}

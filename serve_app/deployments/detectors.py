@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import threading
 import time
 from typing import Any, ClassVar, Literal
 
@@ -38,6 +40,12 @@ class DetectorDeployment(ModelDeployment):
     def describe(self) -> dict[str, Any]:
         return {"parameters": {k: p.describe() for k, p in self.PARAMS.items()}}
 
+    @functools.cached_property
+    def _model_lock(self) -> threading.Lock:
+        # OpenCV's dnn.Net keeps per-call state (setInput/forward), so one model instance
+        # runs one image at a time; decoding and rendering still overlap across requests.
+        return threading.Lock()
+
     async def detect(
         self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
     ) -> dict[str, Any]:
@@ -55,7 +63,8 @@ class DetectorDeployment(ModelDeployment):
         t0 = time.perf_counter()
         image = decode_image(data, max_pixels=self.max_pixels)
         t1 = time.perf_counter()
-        faces = self.run(model, image, p)
+        with self._model_lock:
+            faces = self.run(model, image, p)
         t2 = time.perf_counter()
         result: dict[str, Any] = {
             "model": self.name,
