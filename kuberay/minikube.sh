@@ -21,7 +21,14 @@ KUBERAY_VERSION="1.7.0"
 IMAGE="visionserve:latest"
 WAIT_S="${WAIT_S:-1800}"
 PORT="${PORT:-8000}"
-PF_PID=""
+PF_PID=""      # the smoke test's port-forward
+BUILD_CTX=""   # the image's build context, a copy of only what the image installs
+
+cleanup() {
+    [[ -z "$PF_PID" ]] || kill "$PF_PID" 2>/dev/null || true
+    [[ -z "$BUILD_CTX" ]] || rm -rf "$BUILD_CTX"
+}
+trap cleanup EXIT
 
 say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -103,8 +110,16 @@ install_operator() {
 }
 
 build_image() {
+    # minikube sends the whole context directory into the VM; the checkout has a multi-GB
+    # .venv and maybe model weights, so build from a copy of what the image needs.
+    BUILD_CTX="$(mktemp -d "${TMPDIR:-/tmp}/visionserve-build.XXXXXX")"
+    mkdir "$BUILD_CTX/kuberay"
+    cp "$REPO/pyproject.toml" "$REPO/.dockerignore" "$BUILD_CTX/"
+    [[ ! -f "$REPO/README.md" ]] || cp "$REPO/README.md" "$BUILD_CTX/"
+    cp -R "$REPO/serve_app" "$BUILD_CTX/"
+    cp "$REPO/kuberay/Dockerfile" "$BUILD_CTX/kuberay/"
     say "minikube image build -t $IMAGE -f kuberay/Dockerfile . (first time 5-15 min, then cached)"
-    (cd "$REPO" && minikube -p "$PROFILE" image build -t "$IMAGE" -f kuberay/Dockerfile .)
+    (cd "$BUILD_CTX" && minikube -p "$PROFILE" image build -t "$IMAGE" -f kuberay/Dockerfile .)
 }
 
 apply_manifest() {
@@ -158,8 +173,7 @@ open(sys.argv[1], 'wb').write(cv2.imencode('.png', np.full((240, 320, 3), 128, n
     say "kubectl port-forward svc/$NAME-serve-svc $PORT:8000, then a detection request"
     # kubectl itself, not the kc function: $! must be the port-forward's own pid.
     kubectl --context "$PROFILE" port-forward "svc/$NAME-serve-svc" "$PORT:8000" >/dev/null 2>&1 &
-    PF_PID=$!
-    trap 'kill "$PF_PID" 2>/dev/null || true' EXIT  # global: the trap runs after we return
+    PF_PID=$!  # stopped by cleanup() when the script exits
     for _ in $(seq 1 20); do
         curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break
         sleep 1

@@ -319,6 +319,7 @@ echo "$(basename "$0") $*" >> "$STUB_LOG"
 case "$(basename "$0") $*" in
   "docker info --format"*) echo "16 68719476736" ;;
   "minikube status"*) exit 1 ;;                      # not running yet
+  "minikube -p visionserve image build"*) ls -A > "$STUB_LOG.context" ;;
   *"jsonpath={.status.conditions[?(@.type==\\"Ready\\")].status}"*) echo True ;;
   *" port-forward "*) echo $$ > "$STUB_LOG.pf"; exec sleep 60 ;;
   "curl"*"/v1/detect/"*) echo '{"faces": []}' ;;
@@ -359,6 +360,9 @@ def test_minikube_up_runs_the_documented_commands(tmp_path):
     ]
     positions = [next((i for i, c in enumerate(calls) if c.startswith(e)), -1) for e in expected]
     assert -1 not in positions and positions == sorted(positions), "\n".join(calls)
+    # The build context is a copy of what the image installs, not the checkout (.venv...).
+    context = set(Path(f"{log}.context").read_text().split())
+    assert context - {"README.md"} == {".dockerignore", "kuberay", "pyproject.toml", "serve_app"}
     pf_pid = int(Path(f"{log}.pf").read_text())
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and Path(f"/proc/{pf_pid}").exists():
