@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 # Fetch what can be fetched; the service still starts without the rest (it answers 503
 # with the exact fetch command for a model whose weights are missing).
 models: setup
-	$(PY) -m serve_app.models fetch --keep-going
+	$(PY) -m serve_app.models fetch --config config/serve.yaml --keep-going
 
 run: setup models
 	$(PY) -m serve_app.config check config/serve.yaml

@@ -15,7 +15,6 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -77,24 +76,10 @@ def cluster_serve_text(text: str) -> str:
 
 # -- model weights ---------------------------------------------------------------------------
 def required_weights(serve_cfg: dict[str, Any], deployment_names: list[str]) -> list[str]:
-    """Weight files the given (enabled) model deployments need, in registry order.
+    """Weight files the given (enabled) model deployments need, in registry order."""
+    from serve_app.app import weights_needed
 
-    Asks each deployment class (`required_weights`) with the configured options, so this list
-    never drifts from what the service itself looks for."""
-    from serve_app.app import deployment_class
-    from serve_app.config import MODEL_KINDS
-    from serve_app.deployments.base import validate_options
-    from serve_app.models.weights import REGISTRY
-
-    models = serve_cfg["applications"][0]["args"]["models"]
-    needed: set[str] = set()
-    for name in deployment_names:
-        if name not in MODEL_KINDS or not models[name].get("enabled", True):
-            continue
-        cls = deployment_class(name).func_or_class
-        options = validate_options(cls, name, models[name].get("options") or {})
-        needed.update(cls.required_weights(SimpleNamespace(options=options)))
-    return [name for name in REGISTRY if name in needed]
+    return weights_needed(serve_cfg, deployment_names)
 
 
 # -- manifest --------------------------------------------------------------------------------

@@ -43,3 +43,25 @@ def build_app(args: dict[str, Any]) -> Application:
     plain = settings.model_dump()
     jobs = JobManager.options(name=JOBS_DEPLOYMENT).bind(plain, handles)
     return Router.options(name=ROUTER_DEPLOYMENT).bind(plain, handles, jobs)
+
+
+def weights_needed(cfg: dict[str, Any], deployment_names: list[str] | None = None) -> list[str]:
+    """Weight files the enabled models of a serve config need, in registry order.
+
+    Asks each deployment class with its configured options, so `make models` and the
+    KubeRay init containers fetch exactly what the service will look for.
+    """
+    from types import SimpleNamespace
+
+    from serve_app.models.weights import REGISTRY
+
+    models = parse_app_settings(cfg["applications"][0].get("args")).models
+    names = deployment_names if deployment_names is not None else list(models)
+    needed: set[str] = set()
+    for name in names:
+        if name not in models or not models[name].enabled:
+            continue
+        cls = deployment_class(name).func_or_class
+        options = validate_options(cls, name, models[name].options)
+        needed.update(cls.required_weights(SimpleNamespace(options=options)))
+    return [w for w in REGISTRY if w in needed]

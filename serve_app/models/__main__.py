@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("names", nargs="*", metavar="NAME")
     fetch.add_argument("--all", action="store_true", help="every registry entry (adds vit_l/h)")
     fetch.add_argument(
+        "--config",
+        metavar="SERVE_YAML",
+        help="what the enabled models of this serve config need (e.g. config/serve.yaml)",
+    )
+    fetch.add_argument(
         "--from",
         dest="from_dir",
         metavar="DIR",
@@ -111,16 +116,23 @@ def _list(directory: Path) -> int:
 
 
 def _fetch(args: argparse.Namespace, directory: Path) -> int:
-    if args.all and args.names:
-        print("error: give NAMEs or --all, not both", file=sys.stderr)
-        return EXIT_USAGE
     if args.skip_missing and not args.from_dir:
         print("error: --skip-missing only applies with --from DIR", file=sys.stderr)
         return EXIT_USAGE
     if args.from_dir and not Path(args.from_dir).is_dir():
         print(f"error: --from {args.from_dir}: not a directory", file=sys.stderr)
         return EXIT_USAGE
-    names = list(w.REGISTRY) if args.all else (args.names or list(w.DEFAULT_SET))
+    if sum(map(bool, (args.all, args.names, args.config))) > 1:
+        print("error: give one of NAMEs, --all or --config", file=sys.stderr)
+        return EXIT_USAGE
+    if args.config:
+        # Imported here: it pulls in Ray Serve, which plain fetching does not need.
+        from serve_app.app import weights_needed
+        from serve_app.config import load_config
+
+        names = weights_needed(load_config(args.config))
+    else:
+        names = list(w.REGISTRY) if args.all else (args.names or list(w.DEFAULT_SET))
     try:
         done = w.fetch(
             names,
