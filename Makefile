@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test test-fast lint bench kuberay browser clean
+.PHONY: setup models run test test-fast test-tools lint bench kuberay clean
 
 setup: $(VENV)/.installed
 
@@ -23,13 +23,20 @@ run: setup models
 	$(PY) -m serve_app.config check config/serve.yaml
 	$(VENV)/bin/serve run config/serve.yaml
 
-# Headless Chromium for the web page test (Debian packages; skipped where apt is absent).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	  || echo "chromium not installed: the browser test will skip"; }
+# Test tools from Debian: headless Chromium (web page test) and shellcheck (minikube.sh).
+# Where apt is absent or fails, the tests that need them skip with a reason.
+TEST_TOOLS := chromium shellcheck
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing (apt-get)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "could not install$$missing: the tests that need them will skip"; \
+	  else echo "no apt-get:$$missing missing; the tests that need them will skip"; fi; \
+	fi
 
-test: setup browser
+test: setup test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
