@@ -67,8 +67,14 @@ def assert_401(r, detail_part: str = "") -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("post", "/v1/detect/cnn-face-detection"), ("post", "/function/face-detect-pigo"),
-     ("get", "/v1/models"), ("get", "/docs"), ("get", "/openapi.json"), ("get", "/nowhere")],
+    [
+        ("post", "/v1/detect/cnn-face-detection"),
+        ("post", "/function/face-detect-pigo"),
+        ("get", "/v1/models"),
+        ("get", "/docs"),
+        ("get", "/openapi.json"),
+        ("get", "/nowhere"),
+    ],
 )
 def test_every_route_but_healthz_needs_the_key(locked, method, path):
     assert_401(locked.request(method, path), "needs an API key")
@@ -97,8 +103,14 @@ def test_bearer_key_passes_and_body_reaches_the_route(locked):
 
 @pytest.mark.parametrize(
     "header",
-    [f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", "Bearer x", f"Bearer {KEY.upper()}",
-     f"Bearer {KEY} extra", "Bearer ключ"],
+    [
+        f"Bearer {KEY}x",
+        f"Bearer {KEY[:-1]}",
+        "Bearer x",
+        f"Bearer {KEY.upper()}",
+        f"Bearer {KEY} extra",
+        "Bearer ключ",
+    ],
 )
 def test_wrong_bearer_key(locked, header):
     r = locked.post("/v1/detect/x", headers={"Authorization": header.encode("utf-8")})
@@ -109,8 +121,9 @@ def test_wrong_bearer_key(locked, header):
 def test_empty_bearer_counts_as_no_credentials(locked):
     # faas-cli sends exactly this when it is not logged in.
     for header in ("Bearer", "Bearer ", "Bearer    "):
-        assert_401(locked.post("/function/f", headers={"Authorization": header}),
-                   "needs an API key")
+        assert_401(
+            locked.post("/function/f", headers={"Authorization": header}), "needs an API key"
+        )
 
 
 def test_basic_auth_password_is_the_key(locked):
@@ -120,20 +133,23 @@ def test_basic_auth_password_is_the_key(locked):
         assert r.status_code == 200, (user, r.text)
     # A password containing ':' splits at the first one only.
     client = TestClient(make_app("a:b:c"))
-    assert client.get("/v1/models", headers={"Authorization": basic("u", "a:b:c")}).status_code \
-        == 200
+    assert (
+        client.get("/v1/models", headers={"Authorization": basic("u", "a:b:c")}).status_code == 200
+    )
 
 
 @pytest.mark.parametrize(
     ("header", "detail"),
-    [(basic("admin", "wrong"), "invalid API key"),
-     (basic(KEY, ""), "needs an API key"),  # the key as user name is not the password
-     ("Basic " + base64.b64encode(KEY.encode()).decode(), "no ':'"),
-     ("Basic !!!notbase64", "malformed Basic"),
-     ("Basic " + base64.b64encode(b"\xff\xfe:\xff").decode(), "malformed Basic"),
-     (f"Token {KEY}", "unsupported Authorization scheme"),
-     (KEY, "unsupported Authorization scheme"),
-     (f"Digest username=x, response={KEY}", "unsupported Authorization scheme")],
+    [
+        (basic("admin", "wrong"), "invalid API key"),
+        (basic(KEY, ""), "needs an API key"),  # the key as user name is not the password
+        ("Basic " + base64.b64encode(KEY.encode()).decode(), "no ':'"),
+        ("Basic !!!notbase64", "malformed Basic"),
+        ("Basic " + base64.b64encode(b"\xff\xfe:\xff").decode(), "malformed Basic"),
+        (f"Token {KEY}", "unsupported Authorization scheme"),
+        (KEY, "unsupported Authorization scheme"),
+        (f"Digest username=x, response={KEY}", "unsupported Authorization scheme"),
+    ],
 )
 def test_bad_basic_and_other_schemes(locked, header, detail):
     assert_401(locked.get("/v1/models", headers={"Authorization": header}), detail)
@@ -171,12 +187,14 @@ def test_configure_auth_reads_once(monkeypatch):
         assert configure_auth("VS_TEST_KEY") is True
         client = TestClient(make_app_configured())
         assert_401(client.get("/v1/models"))
-        assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code \
-            == 200
+        assert (
+            client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        )
         # Changing the variable later changes nothing until the replica restarts.
         monkeypatch.setenv("VS_TEST_KEY", "other")
-        assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code \
-            == 200
+        assert (
+            client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        )
         monkeypatch.delenv("VS_TEST_KEY")
         assert configure_auth("VS_TEST_KEY") is False
         assert client.get("/v1/models").status_code == 200
@@ -240,7 +258,9 @@ def test_service_without_key_is_open(http, image_server):
     assert r.status_code == 200, r.text
     # An Authorization header (faas-cli's empty Bearer, or junk) changes nothing.
     for header in ("Bearer", "Bearer junk", basic("admin", "x")):
-        r = http.post("/function/face-detect-pigo?format=json",
-                      content=f"{image_server}/pigo_sample.jpg".encode(),
-                      headers={"Authorization": header})
+        r = http.post(
+            "/function/face-detect-pigo?format=json",
+            content=f"{image_server}/pigo_sample.jpg".encode(),
+            headers={"Authorization": header},
+        )
         assert r.status_code == 200, (header, r.text)

@@ -84,8 +84,14 @@ def cnn_ready(service, http, sample) -> None:
     assert r.status_code == 200, r.text
 
 
-def post_loop(base_url: str, data: bytes, t0: float, stop: threading.Event,
-              calls: list[Call], pause_s: float = 0.0) -> None:
+def post_loop(
+    base_url: str,
+    data: bytes,
+    t0: float,
+    stop: threading.Event,
+    calls: list[Call],
+    pause_s: float = 0.0,
+) -> None:
     with httpx.Client(base_url=base_url, timeout=60) as client:
         while not stop.is_set():
             start = time.monotonic()
@@ -105,7 +111,8 @@ def post_loop(base_url: str, data: bytes, t0: float, stop: threading.Event,
 RETRY_FIX = (
     "serve_app/router.py Router._call: a request in flight on a replica that dies fails with "
     "ActorDiedError -> 500 (3 of ~28 here); retry once on ActorDiedError/ActorUnavailableError "
-    "within the same timeout_s deadline (model calls are pure, so the retry is safe)")
+    "within the same timeout_s deadline (model calls are pure, so the retry is safe)"
+)
 
 
 @pytest.mark.slow
@@ -120,8 +127,12 @@ def test_replica_killed_under_load_is_replaced(service, http, sample, cnn_ready)
     calls: list[Call] = []
     stop = threading.Event()
     t0 = time.monotonic()
-    threads = [threading.Thread(target=post_loop, args=(service["url"], sample, t0, stop, calls),
-                                daemon=True) for _ in range(clients)]
+    threads = [
+        threading.Thread(
+            target=post_loop, args=(service["url"], sample, t0, stop, calls), daemon=True
+        )
+        for _ in range(clients)
+    ]
     for t in threads:
         t.start()
     time.sleep(kill_at_s)
@@ -143,16 +154,20 @@ def test_replica_killed_under_load_is_replaced(service, http, sample, cnn_ready)
     failed = [c for c in calls if c.status != 200]
     rate = len(ok) / len(calls)
     after_kill = [c for c in ok if c.start > killed_at]
-    print(f"\nreplica kill: {len(calls)} requests from {clients} clients over {load_s:.0f} s; "
-          f"killed {victim['replica_id']} at {killed_at:.1f} s; new replica RUNNING "
-          f"{back_after if back_after is None else round(back_after, 1)} s after the kill; "
-          f"2xx {len(ok)} ({rate:.1%}); failures {Counter(c.status for c in failed)}")
+    print(
+        f"\nreplica kill: {len(calls)} requests from {clients} clients over {load_s:.0f} s; "
+        f"killed {victim['replica_id']} at {killed_at:.1f} s; new replica RUNNING "
+        f"{back_after if back_after is None else round(back_after, 1)} s after the kill; "
+        f"2xx {len(ok)} ({rate:.1%}); failures {Counter(c.status for c in failed)}"
+    )
     for c in failed:
         print(f"  t={c.start:5.1f}s +{c.seconds:.2f}s {c.status} {c.error}")
     slowest = max(calls, key=lambda c: c.seconds)
-    print(f"  slowest answer {slowest.seconds:.1f} s (sent at t={slowest.start:.1f} s); "
-          f"first success after the kill at t="
-          f"{min((c.start + c.seconds for c in after_kill), default=float('nan')):.1f} s")
+    print(
+        f"  slowest answer {slowest.seconds:.1f} s (sent at t={slowest.start:.1f} s); "
+        f"first success after the kill at t="
+        f"{min((c.start + c.seconds for c in after_kill), default=float('nan')):.1f} s"
+    )
 
     assert back_after is not None, "Serve did not bring the replica back within 60 s"
     now = running_replicas()[CNN]
@@ -191,8 +206,11 @@ async def main():
 
 asyncio.run(main())
 """
-@pytest.mark.parametrize("model", ["face-detect-opencv", "basic-face-detection", CNN,
-                                   "face-detect-pigo"])
+
+
+@pytest.mark.parametrize(
+    "model", ["face-detect-opencv", "basic-face-detection", CNN, "face-detect-pigo"]
+)
 def test_concurrent_calls_share_one_model_safely(model_dir, model):
     """A replica's concurrent requests share its model object: answers stay right, no crash.
 
@@ -206,7 +224,9 @@ def test_concurrent_calls_share_one_model_safely(model_dir, model):
     path = shared_file("images", "pigo_sample.jpg")
     out = subprocess.run(
         [sys.executable, "-c", CONCURRENCY_SCRIPT, model, str(model_dir), str(path)],
-        capture_output=True, timeout=240, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        timeout=240,
+        cwd=Path(__file__).resolve().parents[1],
     )
     tail = (out.stdout + out.stderr).decode(errors="replace").strip().splitlines()[-3:]
     print(f"\n{model}: exit {out.returncode}; {tail}")
@@ -216,8 +236,9 @@ def test_concurrent_calls_share_one_model_safely(model_dir, model):
 # -- overload ---------------------------------------------------------------------------------
 
 
-async def overload(base_url: str, data: bytes, fill: int, probes: int,
-                   waves: int) -> tuple[list[Call], list[Call]]:
+async def overload(
+    base_url: str, data: bytes, fill: int, probes: int, waves: int
+) -> tuple[list[Call], list[Call]]:
     """`fill` requests at once, then, with the queue full, `probes` more in `waves` waves.
 
     The fill burst measures what a sudden spike gets; the probes measure what a client gets
@@ -234,9 +255,14 @@ async def overload(base_url: str, data: bytes, fill: int, probes: int,
                 r = await client.post(CNN_ROUTE, content=data)
             except httpx.HTTPError as err:
                 return Call(start - t0, time.monotonic() - start, 599, repr(err)[:160])
-            return Call(start - t0, time.monotonic() - start, r.status_code,
-                        "" if r.status_code == 200 else r.text[:160],
-                        r.headers.get("retry-after"), is_json_error(r))
+            return Call(
+                start - t0,
+                time.monotonic() - start,
+                r.status_code,
+                "" if r.status_code == 200 else r.text[:160],
+                r.headers.get("retry-after"),
+                is_json_error(r),
+            )
 
         burst = [asyncio.create_task(one()) for _ in range(fill)]
         await asyncio.sleep(3.0)  # the spike's 503s are out; the admitted ones queue
@@ -263,11 +289,15 @@ def describe(title: str, calls: list[Call]) -> str:
     ok = [c.seconds for c in calls if c.status == 200]
     line = f"  {title}: {len(calls)} sent; status {dict(sorted(statuses.items()))}"
     if shed:
-        line += (f"; 503 answer time p50 {percentile(shed, .5):.3f} s, "
-                 f"p95 {percentile(shed, .95):.3f} s, max {max(shed):.3f} s")
+        line += (
+            f"; 503 answer time p50 {percentile(shed, 0.5):.3f} s, "
+            f"p95 {percentile(shed, 0.95):.3f} s, max {max(shed):.3f} s"
+        )
     if ok:
-        line += (f"; 2xx answer time p50 {percentile(ok, .5):.1f} s, "
-                 f"p95 {percentile(ok, .95):.1f} s, max {max(ok):.1f} s")
+        line += (
+            f"; 2xx answer time p50 {percentile(ok, 0.5):.1f} s, "
+            f"p95 {percentile(ok, 0.95):.1f} s, max {max(ok):.1f} s"
+        )
     return line
 
 
@@ -275,7 +305,8 @@ BACKPRESSURE_FIX = (
     "Serve's replica registers its own BackPressureError handler on the FastAPI app at start, "
     "replacing api.py's: the 503 is plain text without Retry-After. Fix: Router._call catches "
     "BackPressureError and raises InputError(503, 'overloaded', ...); api.py's InputError "
-    "handler adds Retry-After to 503s")
+    "handler adds Retry-After to 503s"
+)
 
 
 @pytest.mark.slow
@@ -289,9 +320,11 @@ def test_overload_sheds_fast_503s(service, http, sample, cnn_ready):
     calls = burst + probed
     wall = time.monotonic() - t0
     by_status = Counter(c.status for c in calls)
-    print(f"\noverload: {len(calls)} requests to {CNN} (1 replica, admits 8 + 32) in "
-          f"{wall:.1f} s: 2xx {by_status[200]}, 503 {by_status[503]}, other "
-          f"{ {s: n for s, n in by_status.items() if s not in (200, 503)} }")
+    print(
+        f"\noverload: {len(calls)} requests to {CNN} (1 replica, admits 8 + 32) in "
+        f"{wall:.1f} s: 2xx {by_status[200]}, 503 {by_status[503]}, other "
+        f"{ {s: n for s, n in by_status.items() if s not in (200, 503)} }"
+    )
     print(describe("spike of 64 at once", burst))
     print(describe("64 more while saturated, 4 waves of 16 at 0.25 s", probed))
     for c in [c for c in calls if c.status not in (200, 503)][:5]:
@@ -311,7 +344,8 @@ def test_overload_sheds_fast_503s(service, http, sample, cnn_ready):
     served_p50 = percentile([c.seconds for c in calls if c.status == 200], 0.5)
     limit = max(1.0, served_p50 / 5)
     assert percentile(probe_shed, 0.95) < limit, (
-        f"503s must be fast (p95 < {limit:.1f} s): they are the point of shedding")
+        f"503s must be fast (p95 < {limit:.1f} s): they are the point of shedding"
+    )
     assert running_replicas() == before, "a replica died under overload"
     r = http.post(CNN_ROUTE, content=sample)
     assert r.status_code == 200 and r.json()["count"] == 1

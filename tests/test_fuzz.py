@@ -160,13 +160,23 @@ class Corpus:
         self.png = encode(".png", small)
         self.webp_lossy = encode(".webp", small, [cv2.IMWRITE_WEBP_QUALITY, 80])
         self.webp_lossless = encode(".webp", small, [cv2.IMWRITE_WEBP_QUALITY, 101])
-        self.images = {"jpeg": self.jpeg, "png": self.png, "webp": self.webp_lossy,
-                       "webpl": self.webp_lossless}
+        self.images = {
+            "jpeg": self.jpeg,
+            "png": self.png,
+            "webp": self.webp_lossy,
+            "webpl": self.webp_lossless,
+        }
         self.server = image_server
         self.cases: list[Case] = []
 
-    def add(self, name: str, expect: str, request: dict[str, Any], route: str | None = None,
-            query: dict[str, str] | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        expect: str,
+        request: dict[str, Any],
+        route: str | None = None,
+        query: dict[str, str] | None = None,
+    ) -> None:
         self.cases.append(Case(name, expect, request, route, query or {}))
 
     def build(self) -> list[Case]:
@@ -214,25 +224,34 @@ class Corpus:
         ihdr_data = png[16:29]
         body = png[33:]  # everything after IHDR
         for name, fields in [
-            ("width 0", (0, 200, 8, 2)), ("height 0", (160, 0, 8, 2)),
-            ("bit depth 3", (160, 200, 3, 2)), ("colour type 7", (160, 200, 8, 7)),
+            ("width 0", (0, 200, 8, 2)),
+            ("height 0", (160, 0, 8, 2)),
+            ("bit depth 3", (160, 200, 3, 2)),
+            ("colour type 7", (160, 200, 8, 7)),
             ("size 1x1 with 160x200 data", (1, 1, 8, 2)),
-            ("width 2^31", (2**31, 1, 8, 2)), ("0xFFFFFFFF squared", (2**32 - 1, 2**32 - 1, 8, 2)),
+            ("width 2^31", (2**31, 1, 8, 2)),
+            ("0xFFFFFFFF squared", (2**32 - 1, 2**32 - 1, 8, 2)),
         ]:
             w, h, depth, colour = fields
             ihdr = struct.pack(">IIBBBBB", w, h, depth, colour, *ihdr_data[10:13])
-            self.add(f"png IHDR {name}", "either",
-                     raw(png[:8] + png_chunk(b"IHDR", ihdr) + body))
+            self.add(f"png IHDR {name}", "either", raw(png[:8] + png_chunk(b"IHDR", ihdr) + body))
         self.add("png bad signature", "error", raw(b"\x89PNX" + png[4:]))
-        self.add("png IHDR length 0xFFFFFFFF", "error",
-                 raw(png[:8] + b"\xff\xff\xff\xff" + png[12:]))
+        self.add(
+            "png IHDR length 0xFFFFFFFF", "error", raw(png[:8] + b"\xff\xff\xff\xff" + png[12:])
+        )
         self.add("png no IEND", "either", raw(png[:-12]))
-        self.add("png IDAT of zlib garbage", "error",
-                 raw(png[:33] + png_chunk(b"IDAT", self.rng.randbytes(500)) + png[-12:]))
+        self.add(
+            "png IDAT of zlib garbage",
+            "error",
+            raw(png[:33] + png_chunk(b"IDAT", self.rng.randbytes(500)) + png[-12:]),
+        )
         self.add("png only signature", "error", raw(png[:8]))
         # 2^24, not 2^31: OpenCV allocates what the chunk declares (see the known bugs below).
-        self.add("png 16 MiB chunk length, 200 bytes", "error",
-                 raw(png[:33] + struct.pack(">I", 2**24) + b"IDAT" + png[41:200]))
+        self.add(
+            "png 16 MiB chunk length, 200 bytes",
+            "error",
+            raw(png[:33] + struct.pack(">I", 2**24) + b"IDAT" + png[41:200]),
+        )
 
         sof = jpeg_sof_offset(jpeg)
         for h, w in [(0, 0), (0, 320), (65535, 65535), (1, 65535), (400, 0)]:
@@ -243,27 +262,48 @@ class Corpus:
         self.add("jpeg segment length 0", "either", raw(b"\xff\xd8\xff\xe0\x00\x00" + jpeg[6:]))
         self.add("jpeg segment length 1", "either", raw(b"\xff\xd8\xff\xe0\x00\x01" + jpeg[6:]))
         self.add("jpeg segment length 65535", "error", raw(b"\xff\xd8\xff\xe0\xff\xff" + jpeg[6:]))
-        self.add("jpeg 5000 empty APP segments", "valid",
-                 raw(b"\xff\xd8" + b"\xff\xe1\x00\x02" * 5000 + jpeg[2:]))
+        self.add(
+            "jpeg 5000 empty APP segments",
+            "valid",
+            raw(b"\xff\xd8" + b"\xff\xe1\x00\x02" * 5000 + jpeg[2:]),
+        )
         sos = jpeg.find(b"\xff\xda")
         self.add("jpeg without scan", "error", raw(jpeg[:sos] + b"\xff\xd9"))
-        self.add("jpeg scan of random bytes", "either",
-                 raw(jpeg[: sos + 14] + self.rng.randbytes(4000) + b"\xff\xd9"))
+        self.add(
+            "jpeg scan of random bytes",
+            "either",
+            raw(jpeg[: sos + 14] + self.rng.randbytes(4000) + b"\xff\xd9"),
+        )
         dqt = jpeg.find(b"\xff\xdb")
-        self.add("jpeg DQT garbage", "either",
-                 raw(jpeg[: dqt + 4] + self.rng.randbytes(65) + jpeg[dqt + 69 :]))
+        self.add(
+            "jpeg DQT garbage",
+            "either",
+            raw(jpeg[: dqt + 4] + self.rng.randbytes(65) + jpeg[dqt + 69 :]),
+        )
 
-        self.add("webp RIFF size 0xFFFFFFFF", "either",
-                 raw(webp[:4] + b"\xff\xff\xff\xff" + webp[8:]))
+        self.add(
+            "webp RIFF size 0xFFFFFFFF", "either", raw(webp[:4] + b"\xff\xff\xff\xff" + webp[8:])
+        )
         self.add("webp RIFF size 0", "either", raw(webp[:4] + b"\0\0\0\0" + webp[8:]))
         self.add("webp not WEBP", "error", raw(webp[:8] + b"WEBQ" + webp[12:]))
         self.add("webp chunk size huge", "either", raw(webp[:16] + b"\xff\xff\xff\x7f" + webp[20:]))
         self.add("webp unknown chunk", "error", raw(webp[:12] + b"VP9 " + webp[16:]))
         lossless = self.webp_lossless
-        self.add("webp lossless bad signature byte", "error", raw(lossless[:20] + b"\x00"
-                                                                  + lossless[21:]))
-        vp8x = (b"RIFF" + struct.pack("<I", 4 + 18) + b"WEBP" + b"VP8X" + struct.pack("<I", 10)
-                + b"\0\0\0\0" + (16383).to_bytes(3, "little") + (16383).to_bytes(3, "little"))
+        self.add(
+            "webp lossless bad signature byte",
+            "error",
+            raw(lossless[:20] + b"\x00" + lossless[21:]),
+        )
+        vp8x = (
+            b"RIFF"
+            + struct.pack("<I", 4 + 18)
+            + b"WEBP"
+            + b"VP8X"
+            + struct.pack("<I", 10)
+            + b"\0\0\0\0"
+            + (16383).to_bytes(3, "little")
+            + (16383).to_bytes(3, "little")
+        )
         self.add("webp VP8X 16384x16384 canvas, no frame", "error", raw(vp8x))
 
     def random_bytes(self) -> None:
@@ -273,15 +313,21 @@ class Corpus:
             data = rng.randbytes(size)
             self.add(f"random {size} bytes", "error", raw(data))
         magics = {
-            "jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n", "gif": b"GIF89a",
-            "webp": b"RIFF\x00\x10\x00\x00WEBPVP8 ", "tiff-le": b"II*\x00", "tiff-be": b"MM\x00*",
-            "bigtiff": b"II+\x00", "bmp": b"BM" + b"\0" * 12 + b"(\0\0\0",
+            "jpeg": b"\xff\xd8\xff",
+            "png": b"\x89PNG\r\n\x1a\n",
+            "gif": b"GIF89a",
+            "webp": b"RIFF\x00\x10\x00\x00WEBPVP8 ",
+            "tiff-le": b"II*\x00",
+            "tiff-be": b"MM\x00*",
+            "bigtiff": b"II+\x00",
+            "bmp": b"BM" + b"\0" * 12 + b"(\0\0\0",
         }
         for fmt, magic in magics.items():
             for _ in range(4):
                 size = rng.choice([0, 8, 64, 1000, 30000])
-                self.add(f"{fmt} magic + {size} random bytes", "either",
-                         raw(magic + rng.randbytes(size)))
+                self.add(
+                    f"{fmt} magic + {size} random bytes", "either", raw(magic + rng.randbytes(size))
+                )
         self.add("text that starts like a URL", "error", raw(b"http://"))
         self.add("plain text", "error", raw(b"hello, is this a face?"))
         for route in ROUTES[:3]:
@@ -292,10 +338,14 @@ class Corpus:
         one = np.full((1, 1, 3), 127, np.uint8)
         for ext in (".png", ".jpg", ".bmp", ".tiff"):
             self.add(f"1x1 {ext}", "valid", raw(encode(ext, one)))
-        self.add("1x1 .webp lossy", "valid", raw(encode(".webp", one, [cv2.IMWRITE_WEBP_QUALITY,
-                                                                      80])))
-        self.add("1x1 .webp lossless", "valid", raw(encode(".webp", one,
-                                                           [cv2.IMWRITE_WEBP_QUALITY, 101])))
+        self.add(
+            "1x1 .webp lossy", "valid", raw(encode(".webp", one, [cv2.IMWRITE_WEBP_QUALITY, 80]))
+        )
+        self.add(
+            "1x1 .webp lossless",
+            "valid",
+            raw(encode(".webp", one, [cv2.IMWRITE_WEBP_QUALITY, 101])),
+        )
         self.add("1x1 gray png", "valid", raw(encode(".png", np.zeros((1, 1), np.uint8))))
         self.add("1x1 16-bit png", "valid", raw(encode(".png", np.zeros((1, 1, 3), np.uint16))))
         self.add("1x1 rgba png", "valid", raw(encode(".png", np.zeros((1, 1, 4), np.uint8))))
@@ -305,22 +355,40 @@ class Corpus:
             self.add("1x1 png", "valid", raw(encode(".png", one)), route=route)
 
         idat = png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b"")
-        self.add("png 60000x60000 header (pixel bomb)", "error",
-                 raw(png_header(60000, 60000) + idat))
+        self.add(
+            "png 60000x60000 header (pixel bomb)", "error", raw(png_header(60000, 60000) + idat)
+        )
         self.add("png 60000x60000 header only", "error", raw(png_header(60000, 60000)))
         self.add("png 8000x8000 (64 MP) header", "error", raw(png_header(8000, 8000) + idat))
         sof = jpeg_sof_offset(self.jpeg)
         bomb = self.jpeg[: sof + 5] + struct.pack(">HH", 60000, 60000) + self.jpeg[sof + 9 :]
         self.add("jpeg 60000x60000 SOF (pixel bomb)", "error", raw(bomb))
-        vp8x = (b"RIFF" + struct.pack("<I", 4 + 18 + 8) + b"WEBP" + b"VP8X" + struct.pack("<I", 10)
-                + b"\0\0\0\0" + (16383).to_bytes(3, "little") * 2 + b"ANIM" + b"\0" * 4)
+        vp8x = (
+            b"RIFF"
+            + struct.pack("<I", 4 + 18 + 8)
+            + b"WEBP"
+            + b"VP8X"
+            + struct.pack("<I", 10)
+            + b"\0\0\0\0"
+            + (16383).to_bytes(3, "little") * 2
+            + b"ANIM"
+            + b"\0" * 4
+        )
         self.add("webp VP8X 16384x16384 (pixel bomb)", "error", raw(vp8x))
-        bmp = (b"BM" + struct.pack("<IHHI", 54, 0, 0, 54)
-               + struct.pack("<IiiHHIIiiII", 40, 50000, 50000, 1, 24, 0, 0, 0, 0, 0, 0))
+        bmp = (
+            b"BM"
+            + struct.pack("<IHHI", 54, 0, 0, 54)
+            + struct.pack("<IiiHHIIiiII", 40, 50000, 50000, 1, 24, 0, 0, 0, 0, 0, 0)
+        )
         self.add("bmp 50000x50000 header (pixel bomb)", "error", raw(bmp))
-        tiff = (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 2)
-                + struct.pack("<HHII", 256, 4, 1, 100000) + struct.pack("<HHII", 257, 4, 1, 100000)
-                + b"\0\0\0\0")
+        tiff = (
+            b"II*\x00"
+            + struct.pack("<I", 8)
+            + struct.pack("<H", 2)
+            + struct.pack("<HHII", 256, 4, 1, 100000)
+            + struct.pack("<HHII", 257, 4, 1, 100000)
+            + b"\0\0\0\0"
+        )
         self.add("tiff 100000x100000 header (pixel bomb)", "error", raw(tiff))
         gif = b"GIF89a" + struct.pack("<HH", 65535, 65535) + b"\0\0\0;"
         self.add("gif 65535x65535 (unsupported type)", "error", raw(gif))
@@ -329,74 +397,143 @@ class Corpus:
         jpeg = self.jpeg
         self.add("jpeg labelled application/json", "error", raw(jpeg, "application/json"))
         self.add("jpeg labelled multipart, no boundary", "error", raw(jpeg, "multipart/form-data"))
-        self.add("jpeg labelled multipart with boundary", "error",
-                 raw(jpeg, "multipart/form-data; boundary=xyz"))
+        self.add(
+            "jpeg labelled multipart with boundary",
+            "error",
+            raw(jpeg, "multipart/form-data; boundary=xyz"),
+        )
         # The Content-Type of raw bytes is not trusted either way: these are images.
         self.add("jpeg labelled text/plain", "valid", raw(jpeg, "text/plain"))
-        self.add("jpeg labelled form-urlencoded", "valid",
-                 raw(jpeg, "application/x-www-form-urlencoded"))
+        self.add(
+            "jpeg labelled form-urlencoded", "valid", raw(jpeg, "application/x-www-form-urlencoded")
+        )
         self.add("png labelled image/jpeg", "valid", raw(self.png, "image/jpeg"))
         self.add("text labelled image/png", "error", raw(b"not a png", "image/png"))
 
         b = b"fuzzBoundary42"
         one = encode(".png", np.full((1, 1, 3), 9, np.uint8))
-        self.add("multipart without a file", "error",
-                 mp(multipart(b, [field_part(b"confidence", b"0.5")]), b))
-        self.add("multipart, file under another name", "error",
-                 mp(multipart(b, [file_part(jpeg, b"picture")]), b))
+        self.add(
+            "multipart without a file",
+            "error",
+            mp(multipart(b, [field_part(b"confidence", b"0.5")]), b),
+        )
+        self.add(
+            "multipart, file under another name",
+            "error",
+            mp(multipart(b, [file_part(jpeg, b"picture")]), b),
+        )
         self.add("multipart, empty file", "error", mp(multipart(b, [file_part(b"")]), b))
-        self.add("multipart, garbage file", "error",
-                 mp(multipart(b, [file_part(self.rng.randbytes(3000))]), b))
-        self.add("multipart, two files", "valid",
-                 mp(multipart(b, [file_part(one), file_part(jpeg, b"image")]), b))
-        self.add("multipart, boundary mismatch", "error",
-                 mp(multipart(b"otherBoundary", [file_part(jpeg)]), b))
+        self.add(
+            "multipart, garbage file",
+            "error",
+            mp(multipart(b, [file_part(self.rng.randbytes(3000))]), b),
+        )
+        self.add(
+            "multipart, two files",
+            "valid",
+            mp(multipart(b, [file_part(one), file_part(jpeg, b"image")]), b),
+        )
+        self.add(
+            "multipart, boundary mismatch",
+            "error",
+            mp(multipart(b"otherBoundary", [file_part(jpeg)]), b),
+        )
         self.add("multipart, empty boundary", "error", mp(multipart(b"", [file_part(jpeg)]), b""))
         long_b = b"B" * 300
-        self.add("multipart, 300-char boundary", "either",
-                 mp(multipart(long_b, [file_part(one)]), long_b))
-        self.add("multipart, quoted boundary", "either",
-                 {"content": multipart(b, [file_part(one)]),
-                  "headers": {"Content-Type": f'multipart/form-data; boundary="{b.decode()}"'}})
-        self.add("multipart, not closed", "either",
-                 mp(multipart(b, [file_part(one)], close=False), b))
+        self.add(
+            "multipart, 300-char boundary",
+            "either",
+            mp(multipart(long_b, [file_part(one)]), long_b),
+        )
+        self.add(
+            "multipart, quoted boundary",
+            "either",
+            {
+                "content": multipart(b, [file_part(one)]),
+                "headers": {"Content-Type": f'multipart/form-data; boundary="{b.decode()}"'},
+            },
+        )
+        self.add(
+            "multipart, not closed", "either", mp(multipart(b, [file_part(one)], close=False), b)
+        )
         self.add("multipart, garbage body", "error", mp(self.rng.randbytes(2000), b))
-        self.add("multipart, part without headers", "error",
-                 mp(b"--" + b + b"\r\n\r\n" + jpeg + b"\r\n--" + b + b"--\r\n", b))
-        self.add("multipart, disposition without name", "error",
-                 mp(multipart(b, [(b"Content-Disposition: form-data; filename=\"a\"", jpeg)]), b))
-        self.add("multipart, 100 fields", "error",
-                 mp(multipart(b, [field_part(f"f{i}".encode(), b"1") for i in range(100)]
-                              + [file_part(one)]), b))
+        self.add(
+            "multipart, part without headers",
+            "error",
+            mp(b"--" + b + b"\r\n\r\n" + jpeg + b"\r\n--" + b + b"--\r\n", b),
+        )
+        self.add(
+            "multipart, disposition without name",
+            "error",
+            mp(multipart(b, [(b'Content-Disposition: form-data; filename="a"', jpeg)]), b),
+        )
+        self.add(
+            "multipart, 100 fields",
+            "error",
+            mp(
+                multipart(
+                    b, [field_part(f"f{i}".encode(), b"1") for i in range(100)] + [file_part(one)]
+                ),
+                b,
+            ),
+        )
         self.add("multipart, 10 files", "error", mp(multipart(b, [file_part(one)] * 10), b))
-        self.add("multipart, field 'file' that is not a file", "error",
-                 mp(multipart(b, [field_part(b"file", b"abc")]), b))
-        self.add("multipart, url field to a text page", "error",
-                 mp(multipart(b, [field_part(b"url", f"{self.server}/text".encode())]), b))
-        self.add("multipart, unknown charset", "either",
-                 {"content": multipart(b, [file_part(one)]),
-                  "headers": {"Content-Type": f"multipart/form-data; charset=klingon; "
-                                              f"boundary={b.decode()}"}})
+        self.add(
+            "multipart, field 'file' that is not a file",
+            "error",
+            mp(multipart(b, [field_part(b"file", b"abc")]), b),
+        )
+        self.add(
+            "multipart, url field to a text page",
+            "error",
+            mp(multipart(b, [field_part(b"url", f"{self.server}/text".encode())]), b),
+        )
+        self.add(
+            "multipart, unknown charset",
+            "either",
+            {
+                "content": multipart(b, [file_part(one)]),
+                "headers": {
+                    "Content-Type": f"multipart/form-data; charset=klingon; boundary={b.decode()}"
+                },
+            },
+        )
 
     def json_and_base64(self) -> None:
-        for text in ["{", "}", "[]", "[1, 2]", '"a string"', "null", "true", "123", "{'url': 1}",
-                     '{"url": "x",}', "{\"url\"\x00: 1}", "\ufeff{}", "NaN", "", " "]:
+        for text in [
+            "{",
+            "}",
+            "[]",
+            "[1, 2]",
+            '"a string"',
+            "null",
+            "true",
+            "123",
+            "{'url': 1}",
+            '{"url": "x",}',
+            '{"url"\x00: 1}',
+            "\ufeff{}",
+            "NaN",
+            "",
+            " ",
+        ]:
             self.add(f"invalid JSON {text!r}", "error", json_text(text))
         self.add("JSON not UTF-8", "error", json_text(b'{"url": "\xff\xfe"}'))
-        self.add("JSON in UTF-16", "error",
-                 json_text(json.dumps({"url": "x"}).encode("utf-16")))
+        self.add("JSON in UTF-16", "error", json_text(json.dumps({"url": "x"}).encode("utf-16")))
         one_b64 = base64.b64encode(encode(".png", np.full((1, 1, 3), 9, np.uint8))).decode()
         jpeg_b64 = base64.b64encode(self.jpeg).decode()
         docs: list[tuple[str, Any, str]] = [
-            ("url 5", {"url": 5}, "error"), ("image_base64 5", {"image_base64": 5}, "error"),
+            ("url 5", {"url": 5}, "error"),
+            ("image_base64 5", {"image_base64": 5}, "error"),
             ("url list", {"url": ["http://x/"]}, "error"),
             ("image_base64 list", {"image_base64": [jpeg_b64]}, "error"),
             ("url object", {"url": {"href": "x"}}, "error"),
-            ("url null", {"url": None}, "error"), ("url true", {"url": True}, "error"),
-            ("url empty", {"url": ""}, "error"), ("both url and base64",
-                                                  {"url": "http://x/", "image_base64": one_b64},
-                                                  "error"),
-            ("neither", {"confidence": 0.5}, "error"), ("empty object", {}, "error"),
+            ("url null", {"url": None}, "error"),
+            ("url true", {"url": True}, "error"),
+            ("url empty", {"url": ""}, "error"),
+            ("both url and base64", {"url": "http://x/", "image_base64": one_b64}, "error"),
+            ("neither", {"confidence": 0.5}, "error"),
+            ("empty object", {}, "error"),
             ("image_base64 empty", {"image_base64": ""}, "error"),
             ("image_base64 float", {"image_base64": 1.5}, "error"),
             ("param list", {"image_base64": one_b64, "confidence": [0.5]}, "error"),
@@ -411,36 +548,73 @@ class Corpus:
         for name, doc, expect in docs:
             route = ROUTES[0] if "param" in name else None  # cnn takes `confidence`
             self.add(f"JSON {name}", expect, as_json(doc), route=route)
-        self.add("JSON param NaN", "error",
-                 json_text(f'{{"image_base64": "{one_b64}", "confidence": NaN}}'), route=ROUTES[0])
-        self.add("JSON param Infinity", "error",
-                 json_text(f'{{"image_base64": "{one_b64}", "confidence": Infinity}}'),
-                 route=ROUTES[0])
-        self.add("JSON param 1e400", "error",
-                 json_text(f'{{"image_base64": "{one_b64}", "confidence": 1e400}}'),
-                 route=ROUTES[0])
+        self.add(
+            "JSON param NaN",
+            "error",
+            json_text(f'{{"image_base64": "{one_b64}", "confidence": NaN}}'),
+            route=ROUTES[0],
+        )
+        self.add(
+            "JSON param Infinity",
+            "error",
+            json_text(f'{{"image_base64": "{one_b64}", "confidence": Infinity}}'),
+            route=ROUTES[0],
+        )
+        self.add(
+            "JSON param 1e400",
+            "error",
+            json_text(f'{{"image_base64": "{one_b64}", "confidence": 1e400}}'),
+            route=ROUTES[0],
+        )
         self.add("JSON 500-deep nesting", "error", json_text('{"a": ' * 500 + "1" + "}" * 500))
-        self.add("JSON many keys", "error",
-                 as_json({"image_base64": one_b64, **{f"k{i}": i for i in range(5000)}}))
-        for text in ["@@@", "abc", "a", "====", "data:image/png;base64,", "data:,",
-                     "data:image/png;base64,@@@", "ÿØÿà", one_b64[:-2], one_b64 + "A",
-                     " " + one_b64, one_b64.replace("A", "-")]:
+        self.add(
+            "JSON many keys",
+            "error",
+            as_json({"image_base64": one_b64, **{f"k{i}": i for i in range(5000)}}),
+        )
+        for text in [
+            "@@@",
+            "abc",
+            "a",
+            "====",
+            "data:image/png;base64,",
+            "data:,",
+            "data:image/png;base64,@@@",
+            "ÿØÿà",
+            one_b64[:-2],
+            one_b64 + "A",
+            " " + one_b64,
+            one_b64.replace("A", "-"),
+        ]:
             self.add(f"bad base64 {text[:20]!r}", "error", as_json({"image_base64": text}))
-        self.add("base64 of random bytes", "error",
-                 as_json({"image_base64": base64.b64encode(self.rng.randbytes(500)).decode()}))
+        self.add(
+            "base64 of random bytes",
+            "error",
+            as_json({"image_base64": base64.b64encode(self.rng.randbytes(500)).decode()}),
+        )
         cut = base64.b64encode(self.jpeg[:3000]).decode()
         self.add("base64 of a truncated jpeg", "either", as_json({"image_base64": cut}))
-        self.add("base64 data URL of 1x1", "valid",
-                 as_json({"image_base64": "data:image/png;base64," + one_b64}))
+        self.add(
+            "base64 data URL of 1x1",
+            "valid",
+            as_json({"image_base64": "data:image/png;base64," + one_b64}),
+        )
 
     def urls_and_sizes(self) -> None:
         s = self.server
         for path, expect in [("/text", "error"), ("/missing.jpg", "error"), ("/", "error")]:
             self.add(f"JSON url {path}", expect, as_json({"url": s + path}))
-            self.add(f"body url {path}", expect, raw((s + path).encode()),
-                     route="/function/face-detect-pigo")
-        self.add("url https to a plain-HTTP server", "error",
-                 as_json({"url": s.replace("http://", "https://") + "/pigo_sample.jpg"}))
+            self.add(
+                f"body url {path}",
+                expect,
+                raw((s + path).encode()),
+                route="/function/face-detect-pigo",
+            )
+        self.add(
+            "url https to a plain-HTTP server",
+            "error",
+            as_json({"url": s.replace("http://", "https://") + "/pigo_sample.jpg"}),
+        )
         self.add("url port 0", "error", as_json({"url": "http://127.0.0.2:0/x.jpg"}))
         self.add("url port 99999", "error", as_json({"url": "http://127.0.0.2:99999/x.jpg"}))
         self.add("url without host", "error", as_json({"url": "http:///x.jpg"}))
@@ -450,10 +624,14 @@ class Corpus:
         self.add("url body with a space", "error", raw(f"{s}/pigo sample.jpg".encode()))
 
         self.add("raw body 1 byte over the cap", "error", raw(b"\xff\xd8\xff" + b"\0" * MAX_BODY))
-        self.add("multipart over the cap", "error",
-                 mp(multipart(b"zz", [file_part(b"\0" * MAX_BODY)]), b"zz"))
-        self.add("JSON base64 over the cap", "error",
-                 as_json({"image_base64": "A" * (MAX_BODY + 4)}))
+        self.add(
+            "multipart over the cap",
+            "error",
+            mp(multipart(b"zz", [file_part(b"\0" * MAX_BODY)]), b"zz"),
+        )
+        self.add(
+            "JSON base64 over the cap", "error", as_json({"image_base64": "A" * (MAX_BODY + 4)})
+        )
 
         def chunks() -> Iterator[bytes]:  # no Content-Length: the cap must hold while streaming
             for _ in range(MAX_BODY // 2**20 + 2):
@@ -464,22 +642,60 @@ class Corpus:
     def query_params(self) -> None:
         jpeg = self.jpeg
         cnn, pigo = "/v1/detect/cnn-face-detection", "/v1/detect/face-detect-pigo"
-        for value in ["abc", "nan", "NaN", "inf", "-inf", "-1", "7", "1e309", "", " ", "0x1",
-                      "%ff", "0.5.5", "1 2"]:
-            self.add(f"cnn confidence={value!r}", "error", raw(jpeg), route=cnn,
-                     query={"confidence": value})
+        for value in [
+            "abc",
+            "nan",
+            "NaN",
+            "inf",
+            "-inf",
+            "-1",
+            "7",
+            "1e309",
+            "",
+            " ",
+            "0x1",
+            "%ff",
+            "0.5.5",
+            "1 2",
+        ]:
+            self.add(
+                f"cnn confidence={value!r}",
+                "error",
+                raw(jpeg),
+                route=cnn,
+                query={"confidence": value},
+            )
         for value in ["1.5", "-5", "9" * 5000, "1e3", "twenty"]:
-            self.add(f"pigo min_size={value[:20]!r}", "error", raw(jpeg), route=pigo,
-                     query={"min_size": value})
-        self.add("pigo min_size > max_size", "error", raw(jpeg), route=pigo,
-                 query={"min_size": "500", "max_size": "100"})
+            self.add(
+                f"pigo min_size={value[:20]!r}",
+                "error",
+                raw(jpeg),
+                route=pigo,
+                query={"min_size": value},
+            )
+        self.add(
+            "pigo min_size > max_size",
+            "error",
+            raw(jpeg),
+            route=pigo,
+            query={"min_size": "500", "max_size": "100"},
+        )
         for fmt in ["gif", "", "JSON", "../etc", "base64 ", "x" * 2000]:
-            self.add(f"format={fmt[:20]!r}", "error", raw(jpeg), route=self.rng.choice(ROUTES),
-                     query={"format": fmt})
+            self.add(
+                f"format={fmt[:20]!r}",
+                "error",
+                raw(jpeg),
+                route=self.rng.choice(ROUTES),
+                query={"format": fmt},
+            )
         self.add("unknown parameter", "error", raw(jpeg), query={"colour": "red"})
         self.add("parameter name of 3000 chars", "error", raw(jpeg), query={"p" * 3000: "1"})
-        self.add("segment-only parameter on a detector", "error", raw(jpeg),
-                 query={"points_per_side": "8"})
+        self.add(
+            "segment-only parameter on a detector",
+            "error",
+            raw(jpeg),
+            query={"points_per_side": "8"},
+        )
 
 
 # -- running it ----------------------------------------------------------------------------
@@ -494,8 +710,14 @@ def send(client: httpx.Client, case: Case, route: str) -> Outcome:
         r = client.post(route, params=case.query, **request)
     except httpx.HTTPError as err:  # a dropped connection is as bad as a 5xx
         return Outcome(case, route, 599, repr(err).encode(), "", time.perf_counter() - t0)
-    return Outcome(case, route, r.status_code, r.content, r.headers.get("content-type", ""),
-                   time.perf_counter() - t0)
+    return Outcome(
+        case,
+        route,
+        r.status_code,
+        r.content,
+        r.headers.get("content-type", ""),
+        time.perf_counter() - t0,
+    )
 
 
 def run_corpus(base_url: str, cases: list[Case], routes: list[str]) -> list[Outcome]:
@@ -503,8 +725,7 @@ def run_corpus(base_url: str, cases: list[Case], routes: list[str]) -> list[Outc
     plan = []
     for i, case in enumerate(cases):
         plan.append((case, case.route or routes[i % len(routes)]))
-    with (httpx.Client(base_url=base_url, timeout=60) as client,
-          ThreadPoolExecutor(WORKERS) as pool):
+    with httpx.Client(base_url=base_url, timeout=60) as client, ThreadPoolExecutor(WORKERS) as pool:
         futures = [pool.submit(send, client, case, route) for case, route in plan]
         outcomes = []
         for future in futures:
@@ -524,8 +745,12 @@ def problems(outcomes: list[Outcome]) -> list[str]:
                 body = json.loads(o.body)
             except ValueError:
                 body = None
-            if not (o.content_type.startswith("application/json") and isinstance(body, dict)
-                    and set(body) == {"error", "detail"} and body["detail"]):
+            if not (
+                o.content_type.startswith("application/json")
+                and isinstance(body, dict)
+                and set(body) == {"error", "detail"}
+                and body["detail"]
+            ):
                 found.append(f"{where} not the JSON error shape: {o.body[:200]!r}")
         elif o.status == 200:
             if o.case.expect == "error":
@@ -544,9 +769,11 @@ def report(title: str, outcomes: list[Outcome]) -> None:
         if 400 <= o.status < 500 and o.content_type.startswith("application/json"):
             codes[(o.status, json.loads(o.body).get("error"))] += 1
     slowest = max(outcomes, key=lambda o: o.seconds)
-    print(f"\n{title}: {len(outcomes)} inputs over {len({o.route for o in outcomes})} routes; "
-          f"status histogram {dict(sorted(statuses.items()))}; "
-          f"5xx seen: {sum(n for s, n in statuses.items() if s >= 500)}")
+    print(
+        f"\n{title}: {len(outcomes)} inputs over {len({o.route for o in outcomes})} routes; "
+        f"status histogram {dict(sorted(statuses.items()))}; "
+        f"5xx seen: {sum(n for s, n in statuses.items() if s >= 500)}"
+    )
     print("  error codes: " + ", ".join(f"{s} {c}: {n}" for (s, c), n in sorted(codes.items())))
     print(f"  slowest: {slowest.seconds:.2f} s ({slowest.case.name!r} on {slowest.route})")
 
@@ -579,8 +806,10 @@ def test_fuzz_corpus_gets_4xx_never_5xx(service, http, corpus, sample):
 def test_fuzz_segment_route(service, http, corpus):
     probe = http.post(SEGMENT_ROUTE, content=encode(".png", np.zeros((8, 8, 3), np.uint8)))
     if probe.status_code != 200:
-        pytest.skip(f"{SEGMENT_ROUTE} does not serve yet ({probe.status_code}: "
-                    f"{probe.text[:120]}); its fuzzing waits for the SAM engine")
+        pytest.skip(
+            f"{SEGMENT_ROUTE} does not serve yet ({probe.status_code}: "
+            f"{probe.text[:120]}); its fuzzing waits for the SAM engine"
+        )
     before = running_replicas()
     # Every third case: SAM is slow on this machine, and the parsing is shared with detect.
     cases = [c for c in corpus[::3] if c.route is None]
@@ -594,14 +823,17 @@ def test_fuzz_segment_route(service, http, corpus):
 # -- known bugs: each test fails today and its reason names the fix ------------------------
 
 ONE_PX_B64 = base64.b64encode(encode(".png", np.full((1, 1, 3), 9, np.uint8))).decode()
-JSON_FIX = ("serve_app/inputs/request.py _from_json: refuse with 400 bad_json what json.loads "
-            "raises besides JSONDecodeError (catch ValueError and RecursionError) and documents "
-            "holding lone surrogates (check json.dumps(doc, ensure_ascii=False).encode())")
+JSON_FIX = (
+    "serve_app/inputs/request.py _from_json: refuse with 400 bad_json what json.loads "
+    "raises besides JSONDecodeError (catch ValueError and RecursionError) and documents "
+    "holding lone surrogates (check json.dumps(doc, ensure_ascii=False).encode())"
+)
 
 
 def known_bug(body: str, id: str) -> Any:  # noqa: A002 (pytest's name)
-    return pytest.param(json_text(body), id=id, marks=pytest.mark.xfail(strict=True,
-                                                                         reason=JSON_FIX))
+    return pytest.param(
+        json_text(body), id=id, marks=pytest.mark.xfail(strict=True, reason=JSON_FIX)
+    )
 
 
 KNOWN_5XX = [
@@ -613,8 +845,9 @@ KNOWN_5XX = [
     # (the bad_url detail, the result's filename) fails to encode, or quote() fails on it.
     known_bug('{"url": "http://\\ud800/x.jpg"}', "json-surrogate-in-url-host"),
     known_bug('{"url": "http://127.0.0.2:1/\\ud800.jpg"}', "json-surrogate-in-url-path"),
-    known_bug(f'{{"image_base64": "{ONE_PX_B64}", "filename": "\\udfff"}}',
-              "json-surrogate-in-filename"),
+    known_bug(
+        f'{{"image_base64": "{ONE_PX_B64}", "filename": "\\udfff"}}', "json-surrogate-in-filename"
+    ),
 ]
 
 
@@ -629,7 +862,8 @@ PNG_CHUNK_FIX = (
     "serve_app/inputs/decode.py decode_image: OpenCV 4.14's PNG reader allocates a chunk's "
     "declared length (up to 2 GiB, zero-filled, ~6 s here) before finding the bytes absent, "
     "so a 200-byte upload costs 2 GiB per request; walk the PNG chunk headers first and "
-    "refuse (422 bad_image) a chunk whose length runs past the end of the data")
+    "refuse (422 bad_image) a chunk whose length runs past the end of the data"
+)
 
 
 @pytest.mark.xfail(strict=True, reason=PNG_CHUNK_FIX)
@@ -655,8 +889,14 @@ def test_png_chunk_length_bomb_costs_no_memory(sample):
         "    print(err.status)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], input=bomb, capture_output=True,
-                         timeout=120, check=True, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        input=bomb,
+        capture_output=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     status, grown_mib = out.stdout.decode().split()
     print(f"\nPNG chunk-length bomb: {len(bomb)} bytes -> {status}, peak RSS +{grown_mib} MiB")
     assert status in ("400", "413", "415", "422")

@@ -56,8 +56,9 @@ class Canary:
 
 def _serve(server: http_server.ThreadingHTTPServer) -> None:
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                     daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+    ).start()
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +115,33 @@ def redirector() -> Iterator[str]:
 
 def loopback_urls(port: int) -> list[str]:
     hosts = [
-        "127.0.0.1", "localhost", "LOCALHOST", "0.0.0.0", "0", "2130706433",
-        "0177.0.0.1", "0x7f000001", "0x7f.0.0.1", "127.1", "127.0.1", "127.000.000.001",
-        "127.255.255.254", "127.0.0.3", "[::1]", "[0:0:0:0:0:0:0:1]", "[::ffff:127.0.0.1]",
-        "[::ffff:7f00:1]", "[::]", "[::ffff:0.0.0.0]",
+        "127.0.0.1",
+        "localhost",
+        "LOCALHOST",
+        "0.0.0.0",
+        "0",
+        "2130706433",
+        "0177.0.0.1",
+        "0x7f000001",
+        "0x7f.0.0.1",
+        "127.1",
+        "127.0.1",
+        "127.000.000.001",
+        "127.255.255.254",
+        "127.0.0.3",
+        "[::1]",
+        "[0:0:0:0:0:0:0:1]",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:7f00:1]",
+        "[::]",
+        "[::ffff:0.0.0.0]",
     ]
     urls = [f"http://{h}:{port}/x.jpg" for h in hosts]
-    urls += ["http://127.0.0.1/x.jpg", f"https://127.0.0.1:{port}/x.jpg",
-             f"http://localhost:{port}/healthz"]
+    urls += [
+        "http://127.0.0.1/x.jpg",
+        f"https://127.0.0.1:{port}/x.jpg",
+        f"http://localhost:{port}/healthz",
+    ]
     return urls
 
 
@@ -130,8 +150,9 @@ def entry_points(http, url: str) -> dict[str, object]:
     return {
         "json /v1/detect": lambda: http.post(f"/v1/detect/{MODEL}", json={"url": url}),
         "body /function": lambda: http.post(f"/function/{MODEL}", content=url.encode()),
-        "multipart /v1/detect": lambda: http.post(f"/v1/detect/{MODEL}",
-                                                  files={"url": (None, url)}),
+        "multipart /v1/detect": lambda: http.post(
+            f"/v1/detect/{MODEL}", files={"url": (None, url)}
+        ),
         "json /v1/jobs": lambda: http.post(f"/v1/jobs/{MODEL}", json={"url": url}),
     }
 
@@ -150,9 +171,11 @@ def test_loopback_forms_are_refused(http, canary):
             assert_refused(call(), f"{url} via {door}")
             refused[door] += 1
     assert canary.hits == 0, f"the canary was reached: {dict(_Canary.hits)}"
-    print(f"\nSSRF over HTTP: {len(urls)} loopback URLs x {len(refused)} entry points = "
-          f"{sum(refused.values())} requests, all 400 fetch_refused; canary hits 0 "
-          f"(IPv6 canary: {canary.v6})")
+    print(
+        f"\nSSRF over HTTP: {len(urls)} loopback URLs x {len(refused)} entry points = "
+        f"{sum(refused.values())} requests, all 400 fetch_refused; canary hits 0 "
+        f"(IPv6 canary: {canary.v6})"
+    )
 
 
 def test_redirects_to_loopback_are_refused(http, canary, redirector, image_server):
@@ -177,21 +200,28 @@ def test_redirects_to_loopback_are_refused(http, canary, redirector, image_serve
             assert "after a redirect" in body["detail"], body
             outcomes["400 fetch_refused"] += 1
     assert canary.hits == 0, f"the canary was reached: {dict(_Canary.hits)}"
-    print(f"\nSSRF redirects over HTTP: {len(sources)} redirecting URLs x 4 entry points "
-          f"= {len(sources) * 4} requests: {dict(outcomes)}; canary hits 0")
+    print(
+        f"\nSSRF redirects over HTTP: {len(sources)} redirecting URLs x 4 entry points "
+        f"= {len(sources) * 4} requests: {dict(outcomes)}; canary hits 0"
+    )
 
 
 def test_redirect_limits_and_schemes(http, redirector, image_server):
     # Positive control: a redirect between allowed URLs is followed, so the refusals above
     # are about the target, not about redirects.
-    ok = http.post(f"/v1/detect/{MODEL}",
-                   json={"url": f"{redirector}/to?{image_server}/pigo_sample.jpg"})
+    ok = http.post(
+        f"/v1/detect/{MODEL}", json={"url": f"{redirector}/to?{image_server}/pigo_sample.jpg"}
+    )
     assert ok.status_code == 200 and ok.json()["count"] == 1, ok.text
     # fetch_max_redirects is 3 in the test config: a fourth hop is refused.
     r = http.post(f"/v1/detect/{MODEL}", json={"url": f"{redirector}/chain/4"})
     assert_refused(r, "4 redirects")
     assert "more than 3 redirects" in r.json()["detail"]
-    for target in ("file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://127.0.0.1/x.jpg",
-                   "http://user:pw@127.0.0.2/x.jpg"):
+    for target in (
+        "file:///etc/passwd",
+        "gopher://127.0.0.1:70/",
+        "ftp://127.0.0.1/x.jpg",
+        "http://user:pw@127.0.0.2/x.jpg",
+    ):
         r = http.post(f"/v1/detect/{MODEL}", json={"url": f"{redirector}/to?{target}"})
         assert r.status_code == 400 and r.json()["error"] == "bad_url", (target, r.text)
