@@ -73,8 +73,12 @@ def measure(
     def local() -> None:
         replica._detect(model, data, params, "json", None)
 
+    server_ms: list[float] = []
+
     def remote() -> None:
-        client.post(url, content=data).raise_for_status()
+        r = client.post(url, content=data)
+        r.raise_for_status()
+        server_ms.append(r.json()["timing_ms"]["total"])
 
     for warm in (local, remote, remote):
         warm()
@@ -92,6 +96,12 @@ def measure(
     out["http_over_in_process"] = round(
         out["http"]["calls_per_s"] / out["in_process"]["calls_per_s"], 3
     )
+    # Where the time goes: the replica's own decode+model+render time vs what the client saw.
+    replica_p50 = statistics.median(server_ms)
+    out["where_time_goes_p50_ms"] = {
+        "replica_work": round(replica_p50, 2),
+        "proxy_router_queue_and_transfer": round(out["http"]["p50_ms"] - replica_p50, 2),
+    }
     return out
 
 
@@ -168,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {n:24} in-process {r['in_process']['calls_per_s']:>7}/s "
                 f"http {r['http']['calls_per_s']:>7}/s  ratio {r['http_over_in_process']:.2f}  "
                 f"p50 {r['in_process']['p50_ms']} / {r['http']['p50_ms']} ms  "
-                f"p95 {r['in_process']['p95_ms']} / {r['http']['p95_ms']} ms",
+                f"p95 {r['in_process']['p95_ms']} / {r['http']['p95_ms']} ms  "
+                f"(http p50: replica {r['where_time_goes_p50_ms']['replica_work']} ms)",
                 flush=True,
             )
     report = {
