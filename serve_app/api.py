@@ -42,7 +42,9 @@ async def _input_error(_: Request, err: InputError) -> JSONResponse:
 
 @api.exception_handler(ModelUnavailable)
 async def _unavailable(_: Request, err: ModelUnavailable) -> JSONResponse:
-    return error_response(err.status, err.error, err.detail, {"Retry-After": "30"})
+    # Overload clears in seconds; missing weights or a disabled model take an operator.
+    retry = RETRY_AFTER_S if err.error in ("overloaded", "replica_died") else 30
+    return error_response(err.status, err.error, err.detail, {"Retry-After": str(retry)})
 
 
 @api.exception_handler(BackPressureError)

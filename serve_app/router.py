@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import api
@@ -74,17 +76,38 @@ class Router(OpenFaaSRoutes):
         )
 
     async def _call(self, name: str, method: str, *args: Any) -> Any:
-        response = getattr(self._handle(name), method).remote(*args)
+        """Call a model within its timeout; retry once if its replica died mid-call.
+
+        Model calls have no side effects, so the retry is safe; Serve routes it to a live
+        replica (or waits for the replacement) within the same deadline.
+        """
+        handle = getattr(self._handle(name), method)
         timeout = self.settings.models[name].timeout_s
-        try:
-            return await asyncio.wait_for(response, timeout)
-        except TimeoutError:
-            response.cancel()
-            raise InputError(
-                504,
-                "timeout",
-                f"{name} did not answer within {timeout} s (args.models.{name}.timeout_s)",
-            ) from None
+        deadline = asyncio.get_running_loop().time() + timeout
+        for attempt in (1, 2):
+            response = handle.remote(*args)
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                return await asyncio.wait_for(response, max(left, 0.001))
+            except TimeoutError:
+                response.cancel()
+                raise InputError(
+                    504,
+                    "timeout",
+                    f"{name} did not answer within {timeout} s (args.models.{name}.timeout_s)",
+                ) from None
+            except BackPressureError:
+                # Raised here rather than left to api.py: Serve installs its own handler for
+                # this exception on the ingress app, which answers plain text.
+                raise ModelUnavailable(
+                    "overloaded", f"{name}'s queue is full; retry shortly", status=503
+                ) from None
+            except (ActorDiedError, ActorUnavailableError) as err:
+                if attempt == 2:
+                    raise ModelUnavailable(
+                        "replica_died", f"{name}'s replica stopped during the call: {err}"
+                    ) from None
+                log.warning("%s: replica died during %s; retrying once", name, method)
 
     # -- routes ------------------------------------------------------------------------
     @api.get("/healthz")

@@ -24,9 +24,38 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
             f"{kind}; send JPEG, PNG, WebP, BMP or TIFF bytes, or an image URL",
         )
     check_pixels(info, max_pixels)
+    if info.format == "png":
+        check_png_chunks(data)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise InputError(422, "bad_image", f"the {info.format} data could not be decoded")
     if image.shape[0] * image.shape[1] > max_pixels:  # header lied about its size
         raise InputError(413, "too_many_pixels", f"image has more than {max_pixels} pixels")
     return image
+
+
+PNG_SIGNATURE_LEN = 8
+MAX_PNG_CHUNKS = 1_000_000
+
+
+def check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG whose chunk lengths run past the data, before OpenCV sees it.
+
+    OpenCV's PNG reader allocates a chunk's declared length (up to 2 GiB) before it finds
+    the bytes missing, so a 200-byte upload could cost gigabytes per request.
+    """
+    view = memoryview(data)
+    offset, end = PNG_SIGNATURE_LEN, len(data)
+    for _ in range(MAX_PNG_CHUNKS):
+        if offset + 8 > end:
+            raise InputError(422, "bad_image", "truncated PNG: missing IEND chunk")
+        length = int.from_bytes(view[offset : offset + 4], "big")
+        kind = bytes(view[offset + 4 : offset + 8])
+        if length > 2**31 - 1 or offset + 12 + length > end:
+            raise InputError(
+                422, "bad_image", f"truncated PNG: chunk {kind!r} declares {length} bytes"
+            )
+        if kind == b"IEND":
+            return
+        offset += 12 + length
+    raise InputError(422, "bad_image", "PNG with too many chunks")

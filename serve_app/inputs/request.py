@@ -116,8 +116,13 @@ async def _from_multipart(
 async def _from_json(body: bytes, fetch: Fetcher) -> ImageRequest:
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(400, "bad_json", f"invalid JSON: {err}") from None
+        # Valid JSON may still hold lone surrogates, which no answer that echoes them
+        # (a filename, a URL in an error detail) could encode.
+        json.dumps(doc, ensure_ascii=False).encode()
+    except RecursionError:
+        raise InputError(400, "bad_json", "invalid JSON: nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeError, over-long integers
+        raise InputError(400, "bad_json", f"invalid JSON: {str(err)[:200]}") from None
     if not isinstance(doc, dict):
         raise InputError(400, "bad_json", "the JSON body must be an object")
     url, b64 = doc.pop("url", None), doc.pop("image_base64", None)
