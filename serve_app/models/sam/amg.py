@@ -99,6 +99,7 @@ class FastMaskGenerator:
         min_mask_region_area: int = 0,
         stability_margin: float = 0.02,
         chunk: int = 16,
+        decoder_batch: int = 4,
     ) -> None:
         if crop_n_layers != 0:
             raise NotImplementedError("crop layers are not implemented (crop_n_layers=0)")
@@ -118,6 +119,7 @@ class FastMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.stability_margin = stability_margin
         self.chunk = chunk
+        self.decoder_batch = decoder_batch
         self.decoder = FastDecoder(model)
         self.mask_threshold = float(model.mask_threshold)
 
@@ -163,26 +165,30 @@ class FastMaskGenerator:
             sparse, dense = self.model.prompt_encoder(
                 points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
             )
-            state = self.decoder.run(emb.features, sparse, dense)
-            iou = self.decoder.iou(state)  # (B, 3)
-            keep = iou > self.pred_iou_thresh
-            if self.pred_iou_thresh <= 0:
-                keep = torch.ones_like(keep)
-            select = torch.nonzero(keep.any(1)).flatten()
+            iou, select, low = self.decoder.predict(
+                emb.features,
+                sparse,
+                dense,
+                g.grid_hw,
+                self.pred_iou_thresh if self.pred_iou_thresh > 0 else None,
+                batch=self.decoder_batch,
+            )
             if len(select):
-                low = self.decoder.masks(state, select, *g.grid_hw)
-                low = low[..., : g.low_hw[0], : g.low_hw[1]]
-                keep = keep[select]
+                # Post-processing is CPU code (cv2, pycocotools); the crops are small.
+                low = low[..., : g.low_hw[0], : g.low_hw[1]].cpu()
+                iou, select = iou[select].cpu(), select.cpu()
+                keep = iou > self.pred_iou_thresh
+                if self.pred_iou_thresh <= 0:
+                    keep = torch.ones_like(keep)
                 # Point-major order (point, mask) as the reference flattens its batches.
                 self._filter(
                     low[keep],
-                    iou[select][keep],
+                    iou[keep],
                     points[select.numpy()].repeat(3, axis=0)[keep.flatten().numpy()],
                     g,
                     bands,
                     survivors,
                 )
-            del state
             report(_ENCODER + _DECODER * (b + 1) / n_batches, f"decoder batch {b + 1}/{n_batches}")
         return survivors
 

@@ -162,8 +162,10 @@ class BandBoxes:
         band = self.band_r if along_rows else self.band_c
         for start in range(0, len(idx), band):
             chunk = idx[start : start + band]
-            vals = self._full_rows(x, chunk) if along_rows else self._full_cols(x, chunk)
-            hit = (vals > thr).any(1)
+            if along_rows:
+                hit = (self._full_rows(x, chunk) > thr).any(1)
+            else:
+                hit = (self._full_cols(x, chunk) > thr).any(0)
             if bool(hit.any()):
                 return int(chunk[int(hit.int().argmax())])
         return -1
