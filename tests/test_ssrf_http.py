@@ -36,6 +36,11 @@ class _Canary(http_server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(self.image)
 
+    def do_POST(self):  # noqa: N802 (a leaked callback would POST here)
+        type(self).hits["POST " + self.path] += 1
+        self.send_response(204)
+        self.end_headers()
+
     def log_message(self, *args):
         pass
 
@@ -225,3 +230,18 @@ def test_redirect_limits_and_schemes(http, redirector, image_server):
     ):
         r = http.post(f"/v1/detect/{MODEL}", json={"url": f"{redirector}/to?{target}"})
         assert r.status_code == 400 and r.json()["error"] == "bad_url", (target, r.text)
+
+
+def test_callback_urls_to_loopback_are_refused(http, canary):
+    """`X-Callback-Url` (OpenFaaS async functions) is where the service POSTs to a URL."""
+    image = shared_file("images", "pigo_sample.jpg").read_bytes()
+    urls = loopback_urls(canary.port)
+    for url in urls:
+        r = http.post(f"/async-function/{MODEL}", content=image, headers={"X-Callback-Url": url})
+        assert r.status_code == 400, f"{url}: {r.status_code} {r.text[:200]}"
+        assert r.json()["error"] == "callback_refused", (url, r.json())
+    assert canary.hits == 0, f"the canary was reached: {dict(_Canary.hits)}"
+    print(
+        f"\nSSRF callbacks over HTTP: {len(urls)} loopback X-Callback-Url values, all 400 "
+        "callback_refused; canary hits 0"
+    )
