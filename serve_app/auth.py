@@ -1,9 +1,10 @@
-"""Optional API key: when configured, every route but the health check needs it.
+"""Optional API key: when configured, every route but the health check and the web page needs it.
 
 The key comes from the environment variable named by ``AppSettings.api_key_env`` (default
 ``VISIONSERVE_API_KEY``; on Kubernetes, filled from a Secret). It is read once, when the router
-replica starts: rotating the key means restarting the replicas (a rolling update), which
-also keeps a request from ever seeing half of a change.
+replica starts, so a request never sees half of a change. Rotating the key means new
+processes with the new environment: on Kubernetes, restarting the pods (a rolling update),
+since Ray's worker processes inherit the container's environment fixed at pod start.
 
 Accepted credentials: ``Authorization: Bearer <key>``, or HTTP Basic whose *password* is the
 key (the user name is ignored) because ``faas-cli login`` sends Basic. ``Bearer`` with an
@@ -27,6 +28,10 @@ from typing import Any
 DEFAULT_ENV = "VISIONSERVE_API_KEY"
 # Load balancers and Kubernetes probes cannot send a key; the health check reveals nothing.
 EXEMPT_PATHS = frozenset({"/healthz"})
+# The web page and its static files hold no data, and the page itself asks for the key
+# (sent as Bearer by app.js): a browser cannot send a header to load the page.
+PUBLIC_PAGES = frozenset({"/"})
+PUBLIC_PREFIX = "/static/"
 REALM = "visionserve"
 
 Scope = MutableMapping[str, Any]
@@ -95,7 +100,8 @@ def key_matches(presented: str, key: str) -> bool:
 
 
 class ApiKeyMiddleware:
-    """401 for any HTTP/WebSocket request outside EXEMPT_PATHS without the right key.
+    """401 for any HTTP/WebSocket request without the right key, but for the health check
+    and GETs of the web page's files.
 
     ``key_source`` is asked per request (a dict lookup), so configure_auth() at replica start
     takes effect although the app, middleware included, was built earlier; tests pass their
@@ -123,7 +129,10 @@ def _exempt(scope: Scope) -> bool:
     root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
-    return path in EXEMPT_PATHS
+    if path in EXEMPT_PATHS:
+        return True
+    page = path in PUBLIC_PAGES or path.startswith(PUBLIC_PREFIX)
+    return page and scope["type"] == "http" and scope.get("method") in ("GET", "HEAD")
 
 
 def _problem(scope: Scope, key: str) -> tuple[str, str | None] | None:

@@ -48,6 +48,14 @@ def make_app(key: str | None) -> FastAPI:
     async def models() -> dict:
         return {"models": []}
 
+    @app.api_route("/", methods=["GET", "POST"], include_in_schema=False)
+    async def index() -> dict:
+        return {"page": "index"}
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> dict:
+        return {"file": name}
+
     return app
 
 
@@ -76,7 +84,7 @@ def assert_401(r, detail_part: str = "") -> None:
         ("get", "/nowhere"),
     ],
 )
-def test_every_route_but_healthz_needs_the_key(locked, method, path):
+def test_every_api_route_needs_the_key(locked, method, path):
     assert_401(locked.request(method, path), "needs an API key")
     r = locked.request(method, path, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code != 401, r.text
@@ -91,6 +99,17 @@ def test_healthz_is_open(locked):
 def test_healthz_exemption_is_exact(locked):
     for path in ("/healthz/", "/healthzz", "/healthz/../v1/models", "/HEALTHZ"):
         assert locked.get(path).status_code == 401, path
+
+
+def test_web_page_loads_without_the_key(locked):
+    # The page asks for the key itself and sends it on its API calls.
+    assert locked.get("/").json() == {"page": "index"}
+    assert locked.get("/static/app.js").json() == {"file": "app.js"}
+    assert locked.head("/static/app.js").status_code != 401  # 405 here: the route has no HEAD
+    # Only reading the page's files: anything else on those paths needs the key.
+    assert_401(locked.post("/"))
+    assert_401(locked.get("/staticx/app.js"))
+    assert_401(locked.get("/index.html"))
 
 
 def test_bearer_key_passes_and_body_reaches_the_route(locked):
