@@ -138,7 +138,7 @@ class SamSegmenter(ModelDeployment):
         from serve_app.models.sam.amg import FastMaskGenerator
 
         t0 = time.perf_counter()
-        image = decode_image(data, max_pixels=self.max_pixels)
+        image = decode_sam_image(data, self.max_pixels)
         t1 = time.perf_counter()
         generator = FastMaskGenerator(
             model,
@@ -172,7 +172,7 @@ class SamSegmenter(ModelDeployment):
 
     def _segment(self, data, prompts, p, output, filename) -> dict[str, Any]:
         t0 = time.perf_counter()
-        image = decode_image(data, max_pixels=self.max_pixels)
+        image = decode_sam_image(data, self.max_pixels)
         h, w = image.shape[:2]
         check_prompts_inside(prompts, w, h)
         t1 = time.perf_counter()
@@ -206,6 +206,18 @@ class SamSegmenter(ModelDeployment):
         return result
 
 
+def decode_sam_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode, refusing shapes SAM cannot take: it resizes the long side to 1024 px, so a
+    short side under 1/2048 of the long one would shrink to nothing."""
+    image = decode_image(data, max_pixels=max_pixels)
+    h, w = image.shape[:2]
+    if round(1024 * min(h, w) / max(h, w)) < 1:
+        raise InputError(
+            422, "bad_image", f"a {w}x{h} image is too thin for SAM (aspect ratio over 2048:1)"
+        )
+    return image
+
+
 def mask_json(mask: Any) -> dict[str, Any]:
     return {
         "segmentation": mask.rle,
@@ -231,7 +243,7 @@ def _as_list(name: str, value: Any) -> list | None:
     if isinstance(value, str):  # query string / form field: JSON text
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # incl. JSONDecodeError and over-long integers
             raise InputError(422, "bad_prompt", f"{name} must be a JSON list") from None
     if not isinstance(value, list):
         raise InputError(422, "bad_prompt", f"{name} must be a list")
@@ -241,7 +253,7 @@ def _as_list(name: str, value: Any) -> list | None:
 def _numbers(name: str, rows: list, width: int) -> np.ndarray:
     try:
         arr = np.asarray(rows, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(422, "bad_prompt", f"{name} must hold numbers") from None
     if arr.ndim != 2 or arr.shape[1] != width or not np.isfinite(arr).all():
         raise InputError(422, "bad_prompt", f"{name} must be a list of {width}-number lists")
@@ -260,7 +272,10 @@ def parse_prompts(points, labels, boxes, multimask, max_prompts: int) -> dict[st
     out: dict[str, Any] = {"points": None, "labels": None, "boxes": None}
     if points:
         pts = _numbers("points", points, 2)
-        lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels)
+        try:
+            lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels)
+        except (TypeError, ValueError):  # ragged or mixed lists
+            raise InputError(422, "bad_prompt", "labels must be one 0/1 per point") from None
         if lab.shape != (len(pts),) or not np.isin(lab, (0, 1)).all():
             raise InputError(422, "bad_prompt", "labels must be one 0/1 per point")
         out["points"], out["labels"] = pts, lab.astype(np.int64)
