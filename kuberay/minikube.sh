@@ -158,7 +158,7 @@ wait_ready() {
         sleep 15
     done
     kc describe rayservice "$NAME" | tail -n 30 || true
-    die "not Ready after ${WAIT_S}s; see 'kuberay/minikube.sh status' and kuberay/README.md"
+    die "not Ready after ${WAIT_S}s; see 'kuberay/minikube.sh status' and README.md (Run on Kubernetes)"
 }
 
 smoke_test() {
