@@ -9,6 +9,7 @@ are the same code with the same shapes; only the image encoder (TinyViT) differs
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +46,12 @@ def _builders() -> dict[str, Callable[[], nn.Module]]:
     from segment_anything.build_sam import _build_sam, sam_model_registry
 
     def mobile() -> nn.Module:
-        from mobile_sam import sam_model_registry as mobile_registry
+        # mobile_sam imports timm through deprecated paths and re-registers TinyViT
+        # names: harmless warnings on every start, silenced here only.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", "Overwriting tiny_vit", UserWarning)
+            from mobile_sam import sam_model_registry as mobile_registry
 
         return mobile_registry["vit_t"](checkpoint=None)
 
