@@ -2,7 +2,9 @@
 
 Every error leaves as `{"error": <code>, "detail": <message>}` with a 4xx/5xx status:
 the router's own refusals, model deployments' `InputError`/`ModelUnavailable` (which
-cross Ray as exceptions of the same class), Serve's backpressure and Starlette's 404/405.
+cross Ray as exceptions of the same class) and Starlette's 404/405. A model's full queue is
+turned into a 503 by `Router._call`, not here: Serve installs its own handler for
+BackPressureError on the ingress app, which would override one registered here.
 """
 
 import logging
@@ -10,7 +12,6 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.auth import ApiKeyMiddleware
@@ -45,16 +46,6 @@ async def _unavailable(_: Request, err: ModelUnavailable) -> JSONResponse:
     # Overload clears in seconds; missing weights or a disabled model take an operator.
     retry = RETRY_AFTER_S if err.error in ("overloaded", "replica_died") else 30
     return error_response(err.status, err.error, err.detail, {"Retry-After": str(retry)})
-
-
-@api.exception_handler(BackPressureError)
-async def _backpressure(_: Request, err: BackPressureError) -> JSONResponse:
-    return error_response(
-        503,
-        "overloaded",
-        "the model's queue is full; retry shortly",
-        {"Retry-After": str(RETRY_AFTER_S)},
-    )
 
 
 @api.exception_handler(StarletteHTTPException)

@@ -18,6 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import api
+from serve_app.auth import configure_auth
 from serve_app.config import MODEL_KINDS, AppSettings
 from serve_app.errors import ModelUnavailable
 from serve_app.inputs.errors import InputError
@@ -43,6 +44,7 @@ class Router(OpenFaaSRoutes):
         jobs: DeploymentHandle,
     ) -> None:
         self.settings = AppSettings.model_validate(settings)
+        configure_auth(self.settings.api_key_env)
         self.models = models
         self.jobs = jobs
         self.limits = self.settings.limits

@@ -99,7 +99,9 @@ def ray_session():
         _temp_dir=temp_dir,
         namespace="serve",
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+        # A key exported in the developer's shell must not turn the session service into
+        # 401s everywhere (the CLI reads the same variable).
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "VISIONSERVE_API_KEY": ""}},
     )
     yield ray
     from ray import serve

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import threading
 import time
 from typing import Any, ClassVar, Literal
@@ -40,11 +39,11 @@ class DetectorDeployment(ModelDeployment):
     def describe(self) -> dict[str, Any]:
         return {"parameters": {k: p.describe() for k, p in self.PARAMS.items()}}
 
-    @functools.cached_property
-    def _model_lock(self) -> threading.Lock:
-        # OpenCV's dnn.Net keeps per-call state (setInput/forward), so one model instance
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # OpenCV's dnn.Net and CascadeClassifier keep per-call state, so one model instance
         # runs one image at a time; decoding and rendering still overlap across requests.
-        return threading.Lock()
+        self._model_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
 
     async def detect(
         self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
