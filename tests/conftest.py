@@ -132,6 +132,22 @@ def http(service):
         yield client
 
 
+@pytest.fixture(scope="session")
+def sam_ready(http) -> None:
+    """The SAM route answers: fail here, once and clearly, rather than in every SAM test."""
+    r = http.post(
+        "/v1/segment/sam-segmentation-light",
+        json={"image_base64": _TINY_PNG_B64, "points": [[0, 0]]},
+    )
+    assert r.status_code == 200, f"SAM route broken: {r.status_code} {r.text[:300]}"
+
+
+# A 2x2 black PNG, enough to exercise the SAM path end to end.
+_TINY_PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAD0lEQVQIHWNkAANGBjAAAAAjAAMz85CnAAAAAElFTkSuQmCC"
+)
+
+
 class _ImageHandler(http_server.SimpleHTTPRequestHandler):
     """Serves ../shared/data/images plus a few fixed answers for input tests."""
 

@@ -62,18 +62,6 @@ def sample() -> Path:
 def url(service) -> str:
     return service["url"]
 
-
-@pytest.fixture(scope="module")
-def sam_ready(http, sample) -> None:
-    """Skip SAM tests, saying why, while the service's SAM route does not answer yet."""
-    r = http.post(f"/v1/segment/{SAM_LIGHT}", params={"format": "json"},
-                  files={"file": ("s.jpg", sample.read_bytes(), "image/jpeg")},
-                  data={"points": "[[160, 200]]", "labels": "[1]"})
-    if r.status_code != 200:
-        pytest.skip(f"SAM route not ready in this checkout: POST /v1/segment/{SAM_LIGHT} "
-                    f"answered {r.status_code}: {r.text[:300]}")
-
-
 # -- usage and failures -----------------------------------------------------------------
 def test_unreachable_service_exits_3_and_says_how_to_start_it(sample, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there

@@ -58,18 +58,6 @@ def page(browser, service):
 def sample() -> Path:
     return shared_file("images", "pigo_sample.jpg")
 
-
-@pytest.fixture(scope="module")
-def sam_ready(http, sample) -> None:
-    """Skip SAM tests, saying why, while the service's SAM route does not answer yet."""
-    r = http.post(f"/v1/segment/{SAM_LIGHT}", params={"format": "json"},
-                  files={"file": ("s.jpg", sample.read_bytes(), "image/jpeg")},
-                  data={"points": "[[160, 200]]", "labels": "[1]"})
-    if r.status_code != 200:
-        pytest.skip(f"SAM route not ready in this checkout: POST /v1/segment/{SAM_LIGHT} "
-                    f"answered {r.status_code}: {r.text[:300]}")
-
-
 def run_and_wait(page, expect: str = "done") -> None:
     page.click("#run")
     page.wait_for_selector("body[data-state=done], body[data-state=error]",

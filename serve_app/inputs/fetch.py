@@ -34,14 +34,17 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
 from .errors import InputError
 from .imageinfo import SNIFF_PREFIX_BYTES, sniff
+
+_T = TypeVar("_T")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -484,15 +487,28 @@ async def _get(
     target: _Target, endpoint: _Endpoint, settings: _Settings
 ) -> tuple[str, None] | tuple[None, bytes]:
     """One GET against the checked addresses: ``(location, None)`` or ``(None, body)``."""
+    return await _on_checked_addresses(
+        target, endpoint, "reading from", lambda ip: _get_from(target, ip, endpoint, settings)
+    )
+
+
+async def _on_checked_addresses(
+    target: _Target,
+    endpoint: _Endpoint,
+    phase: str,
+    attempt: Callable[[IPAddress], Awaitable[_T]],
+) -> _T:
+    """`attempt` on each checked address in turn. The next address is tried only when the
+    connection failed, i.e. before any request bytes can have been delivered."""
     last_error: httpx.ConnectError | None = None
     for ip in endpoint.addresses[:_MAX_ADDRESSES_TRIED]:
         try:
-            return await _get_from(target, ip, endpoint, settings)
+            return await attempt(ip)
         except httpx.ConnectError as exc:  # refused/unreachable/TLS failure: try the next one
             last_error = exc
         except httpx.TimeoutException as exc:
-            phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else "reading from"
-            raise InputError(422, "fetch_timeout", f"timed out {phase} {target.name}") from None
+            what = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else phase
+            raise InputError(422, "fetch_timeout", f"timed out {what} {target.name}") from None
         except httpx.HTTPError as exc:
             raise InputError(
                 422, "fetch_failed", f"error talking to {target.name}: {_describe(exc)}"
@@ -591,23 +607,12 @@ async def _post(
     headers: Mapping[str, str],
     settings: _Settings,
 ) -> int:
-    """One POST against the checked addresses. The next address is tried only when the
-    connection failed, i.e. before any of the body can have been delivered."""
-    last_error: httpx.ConnectError | None = None
-    for ip in endpoint.addresses[:_MAX_ADDRESSES_TRIED]:
-        try:
-            return await _post_to(target, ip, endpoint, body, headers, settings)
-        except httpx.ConnectError as exc:
-            last_error = exc
-        except httpx.TimeoutException as exc:
-            phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else "posting to"
-            raise InputError(422, "fetch_timeout", f"timed out {phase} {target.name}") from None
-        except httpx.HTTPError as exc:
-            raise InputError(
-                422, "fetch_failed", f"error talking to {target.name}: {_describe(exc)}"
-            ) from None
-    raise InputError(
-        422, "fetch_failed", f"could not connect to {target.name}: {_describe(last_error)}"
+    """One POST against the checked addresses; its answer's status."""
+    return await _on_checked_addresses(
+        target,
+        endpoint,
+        "posting to",
+        lambda ip: _post_to(target, ip, endpoint, body, headers, settings),
     )
 
 
