@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import IMAGES
+from segment_anything.utils.amg import batched_mask_to_box
 
 from serve_app.models.sam import resample
 from serve_app.models.sam.amg import FastMaskGenerator
@@ -145,8 +146,10 @@ def test_full_res_decode_is_bit_identical_to_reference_resize(orig):
     ref = F.interpolate(ref, orig, mode="bilinear", align_corners=False)[0, 0]
     dec = resample.FullResDecoder(g, strip_floats=50_000)  # several column strips
     d = dec.decode(low[0, 0, : g.low_hw[0], : g.low_hw[1]], 0.0, 1.0)
-    assert np.array_equal(d.mask.view(bool), (ref > 0).numpy())
-    assert d.area == int((ref > 0).sum())
+    assert np.array_equal(d.mask, (ref > 0).numpy())
+    _, area, box = d.summary()
+    assert area == int((ref > 0).sum())
+    assert box == tuple(batched_mask_to_box(ref > 0).tolist())
     expected = (ref > 1).sum() / (ref > -1).sum()
     assert d.stability == pytest.approx(float(expected), abs=1e-7)
 
@@ -166,7 +169,7 @@ def test_band_boxes_match_full_decode():
     boxes = resample.BandBoxes(g)(resample.to_input_scale(low, g))
     dec = resample.FullResDecoder(g)
     for i in range(len(low)):
-        assert tuple(boxes[i].tolist()) == dec.decode(low[i]).box
+        assert tuple(boxes[i].tolist()) == dec.decode(low[i]).summary()[2]
 
 
 # -- automatic masks ----------------------------------------------------------------------

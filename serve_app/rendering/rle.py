@@ -45,3 +45,8 @@ def decode(rle: Rle) -> np.ndarray:
 
 def area(rle: Rle) -> int:
     return int(mask_utils.area(_coco(rle)))
+
+
+def bbox(rle: Rle) -> list[float]:
+    """COCO [x, y, w, h] with w, h counted in pixels (max - min + 1); zeros if empty."""
+    return [float(v) for v in mask_utils.toBbox(_coco(rle))]

@@ -50,12 +50,11 @@ from serve_app.models.sam.resample import (
     FullResDecoder,
     Geometry,
     geometry,
-    mask_box,
     stability_score,
+    summarize,
     to_input_scale,
     to_orig,
 )
-from serve_app.rendering import rle as rle_codec
 
 Progress = Callable[[float, str], None]
 
@@ -252,14 +251,13 @@ class FastMaskGenerator:
         start = _ENCODER + _DECODER
         for n, idx in enumerate(keep):
             d = decoder.decode(low[idx], self.mask_threshold, self.stability_score_offset)
-            mask, box, area, same = d.mask, d.box, d.area, True
+            mask, same = d.mask, True
             if self.min_mask_region_area > 0:
-                mask, same = _remove_small_regions(mask.view(np.bool_), self.min_mask_region_area)
-                if not same:
-                    box, area = mask_box(mask), int(mask.sum())
+                mask, same = _remove_small_regions(mask, self.min_mask_region_area)
+            code, area, box = summarize(mask)
             records.append(
                 MaskRecord(
-                    rle=rle_codec.encode(mask),
+                    rle=code,
                     bbox=xyxy_to_xywh(box),
                     area=area,
                     predicted_iou=float(iou[idx]),

@@ -19,7 +19,6 @@ from torch import nn
 from serve_app.models.sam.encoder import Embedding, check_image, embed, model_device
 from serve_app.models.sam.records import MaskRecord, xyxy_to_xywh
 from serve_app.models.sam.resample import FullResDecoder, geometry
-from serve_app.rendering import rle as rle_codec
 
 
 class EmbeddingCache:
@@ -144,11 +143,12 @@ class PromptedSegmenter:
         for p in range(low.shape[0]):
             for m in range(low.shape[1]):
                 d = decoder.decode(low[p, m], float(self.model.mask_threshold))
+                code, area, box = d.summary()
                 records.append(
                     MaskRecord(
-                        rle=rle_codec.encode(d.mask),
-                        bbox=xyxy_to_xywh(d.box),
-                        area=d.area,
+                        rle=code,
+                        bbox=xyxy_to_xywh(box),
+                        area=area,
                         predicted_iou=float(iou[p, m]),
                         stability_score=d.stability,
                         point_coords=point_list,

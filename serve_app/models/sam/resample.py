@@ -196,67 +196,52 @@ class BandBoxes:
 class Decoded:
     """One mask at original resolution plus what the reference reports about it."""
 
-    mask: np.ndarray  # (H, W) uint8 0/1, Fortran order; a view of the decoder's buffer
-    area: int
-    box: tuple[int, int, int, int]  # XYXY inclusive
+    mask: np.ndarray  # (H, W) bool, Fortran order; a view of the decoder's buffer
     stability: float
+
+    def summary(self) -> tuple[rle_codec.Rle, int, tuple[int, int, int, int]]:
+        """(COCO RLE, area, XYXY inclusive box), area and box read off the RLE."""
+        return summarize(self.mask)
+
+
+def summarize(mask: np.ndarray) -> tuple[rle_codec.Rle, int, tuple[int, int, int, int]]:
+    code = rle_codec.encode(mask)
+    area = rle_codec.area(code)
+    if area == 0:
+        return code, 0, (0, 0, 0, 0)
+    x, y, w, h = (int(v) for v in rle_codec.bbox(code))
+    return code, area, (x, y, x + w - 1, y + h - 1)  # COCO's w counts pixels: max - min + 1
 
 
 class FullResDecoder:
-    """Decodes one low-res logit crop at a time into a reused original-size byte buffer.
+    """Decodes one low-res logit crop at a time into a reused original-size buffer.
 
-    Peak memory: the (H, W) byte buffer, the (ih, W) width-resized logits and one column
-    strip of floats, whatever the number of masks.
+    Works on the transposed image so that each strip of image columns comes out of the
+    resize contiguous, in the Fortran layout COCO RLE reads, and is thresholded straight
+    into the buffer. Peak memory: the (H, W) bool buffer, the (W, ih) width-resized
+    logits and one strip of floats, whatever the number of masks.
     """
 
     def __init__(self, g: Geometry, strip_floats: int = 1 << 22) -> None:
         self.g = g
         h, w = g.orig_hw
-        self.buf = np.zeros((h, w), dtype=np.uint8, order="F")
-        self._cols = torch.from_numpy(self.buf.T)  # (W, H) view: one row per mask column
+        self.buf = np.zeros((h, w), dtype=np.bool_, order="F")
+        self._cols = torch.from_numpy(self.buf.T)  # (W, H) view: one row per image column
         self.strip = max(8, min(w, strip_floats // max(h, 1)))
 
     def decode(self, low: Tensor, threshold: float = 0.0, offset: float = 1.0) -> Decoded:
         g = self.g
-        h, w = g.orig_hw
-        inter = to_input_scale(low, g).reshape(1, 1, *g.input_hw)
-        wide = F.interpolate(inter, (g.input_hw[0], w), mode="bilinear", align_corners=False)
-        hi = lo = area = 0
-        rows_any = torch.zeros(h, dtype=torch.bool)
-        cols_any = torch.zeros(w, dtype=torch.bool)
+        (h, w), (ih, iw) = g.orig_hw, g.input_hw
+        inter_t = to_input_scale(low, g).T.contiguous().view(1, 1, iw, ih)
+        wide_t = F.interpolate(inter_t, (w, ih), mode="bilinear", align_corners=False)[0, 0]
+        hi = lo = 0
         for c0 in range(0, w, self.strip):
-            part = wide[..., c0 : c0 + self.strip].contiguous()
-            out = F.interpolate(part, (h, part.shape[-1]), mode="bilinear", align_corners=False)
+            part = wide_t[c0 : c0 + self.strip][None, None]
+            out = F.interpolate(part, (part.shape[2], h), mode="bilinear", align_corners=False)
             out = out[0, 0]
-            m = out > threshold
-            self._cols[c0 : c0 + m.shape[1]] = m.T
-            rows_any |= m.any(1)
-            cols_any[c0 : c0 + m.shape[1]] = m.any(0)
-            area += int(m.sum())
+            torch.gt(out, threshold, out=self._cols[c0 : c0 + out.shape[0]])
             # Same counts as calculate_stability_score on the full-size logits.
-            hi += int((out > threshold + offset).sum())
-            lo += int((out > threshold - offset).sum())
-        box = _box(rows_any, cols_any)
+            hi += int(torch.count_nonzero(out > threshold + offset))
+            lo += int(torch.count_nonzero(out > threshold - offset))
         stab = float(torch.tensor(hi, dtype=torch.int32) / torch.tensor(lo, dtype=torch.int32))
-        return Decoded(self.buf, area, box, stab)
-
-
-def _box(rows_any: Tensor, cols_any: Tensor) -> tuple[int, int, int, int]:
-    if not bool(rows_any.any()):
-        return (0, 0, 0, 0)
-    ys = torch.nonzero(rows_any).flatten()
-    xs = torch.nonzero(cols_any).flatten()
-    return (int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1]))
-
-
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """XYXY inclusive box of a 2-D mask; zeros if empty."""
-    rows, cols = mask.any(1), mask.any(0)
-    if not rows.any():
-        return (0, 0, 0, 0)
-    ys, xs = np.flatnonzero(rows), np.flatnonzero(cols)
-    return (int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1]))
-
-
-def encode(decoded: Decoded) -> rle_codec.Rle:
-    return rle_codec.encode(decoded.mask)
+        return Decoded(self.buf, stab)
