@@ -6,20 +6,20 @@ Writes bench/results/sam_bench.json. All models have random weights (no checkpoi
 compute is the same as with trained weights, the masks mean nothing, and the IoU head's
 scores are low, which matters for (a), see below.
 
-(a) speed: vit_b, the same model object and image for both, each generator with its
-    defaults except points_per_side (16, or 8 with --quick). With random weights no mask
+(a) speed: vit_b, the same model object and ~1 MP image for both, each generator with its
+    defaults (32x32 points; 16x16 with --quick). With random weights no mask
     passes the default pred_iou_thresh (0.88), so the reference still upsamples every mask
     while ours skips the mask upscaler entirely: that ratio flatters us. The run with every
     filter off (b) is the opposite extreme (every mask kept and decoded at full size);
     both are reported. Wall and CPU times, measured in the same process, one after the
     other (the machine is shared: compare ratios, not absolute times).
-(b) fidelity: thresholds 0 and NMS off on both; each reference mask matched to ours from
-    the same point prompt; IoU min/mean.
+(b) fidelity: thresholds 0 and NMS off on both (16x16 points; 8x8 with --quick); each
+    reference mask matched to ours from the same point prompt; IoU min/mean.
 (c) peak RSS at 1, 6, 12, 24 MP, one subprocess per generator and size (VmHWM polled
     from /proc; the reference is killed above 14 GB and reported as such). Tiny model
     (same decoder and post-processing as vit_b; encoder cost does not depend on image
-    size), 8x8 points = one full 64-point batch, every filter off so every mask is kept:
-    the worst case for both.
+    size), 8x8 points = one full 64-point batch (4x4 and 1/24 MP only with --quick),
+    every filter off so every mask is kept: the worst case for both.
 (d) prompted: vit_b, one point on a ~1 MP image, a new key (encoder runs) vs the same key.
 """
 
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -95,12 +94,38 @@ def as_dicts(records) -> list[dict]:
     return [r if isinstance(r, dict) else r.as_dict() for r in records]
 
 
+class StageClock:
+    """Progress callback that records when each stage ended (wall seconds)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.marks: dict[str, float] = {}
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        key = "decoder" if stage.startswith("decoder") else stage
+        self.marks[key] = time.perf_counter() - self.t0
+
+    def stages(self) -> dict[str, float]:
+        out, prev = {}, 0.0
+        for k, t in self.marks.items():
+            out[k] = round(t - prev, 2)
+            prev = t
+        return out
+
+
 def run_pair(sam, image, label: str, **kw) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in ("reference", "fast"):
         log(f"{label}: {kind} ...")
-        masks, wall, cpu = timed(lambda k=kind: generator(k, sam, **kw).generate(image))
+        clock = StageClock()
+        gen = generator(kind, sam, **kw)
+        if kind == "fast":
+            masks, wall, cpu = timed(lambda g=gen, c=clock: g.generate(image, progress=c))
+        else:
+            masks, wall, cpu = timed(lambda g=gen: g.generate(image))
         out[kind] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "masks": len(masks)}
+        if kind == "fast":
+            out[kind]["stages_wall_s"] = clock.stages()
         out[f"_{kind}_records"] = as_dicts(masks)
         log(f"{label}: {kind} {wall:.1f} s wall, {cpu:.1f} s CPU, {len(masks)} masks")
     ref, fast = out["reference"], out["fast"]
@@ -150,7 +175,8 @@ def child(spec: dict) -> None:
     image = image_rgb(spec["mp"])
     kw = {"points_per_side": spec["points"], **UNFILTERED}
     masks, wall, cpu = timed(lambda: generator(spec["kind"], sam, **kw).generate(image))
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Not ru_maxrss: Linux carries it over exec from the (large) parent process.
+    peak_kib = _status_kib(os.getpid(), "VmHWM")
     print(
         json.dumps(
             {
@@ -243,7 +269,10 @@ def main() -> None:
 
     t_start = time.perf_counter()
     quick = args.quick
-    points = 8 if quick else 16
+    # Speed at the generators' defaults uses the default 32x32 grid (16x16 with --quick);
+    # the unfiltered run decodes every mask of both, so it uses a coarser grid.
+    points = 16 if quick else 32
+    fid_points = 8 if quick else 16
     sizes = [1, 24] if quick else [1, 6, 12, 24]
     mem_points = 4 if quick else 8
     result: dict[str, Any] = {
@@ -266,7 +295,11 @@ def main() -> None:
     from serve_app.models.sam.encoder import embed
 
     _, enc_wall, enc_cpu = timed(lambda: embed(sam, image))  # warm-up, and the shared cost
-    result["encoder"] = {"wall_s": round(enc_wall, 2), "cpu_s": round(enc_cpu, 2)}
+    result["encoder"] = {
+        "wall_s": round(enc_wall, 2),
+        "cpu_s": round(enc_cpu, 2),
+        "note": "same code and cost in both generators",
+    }
     log(f"encoder {enc_wall:.1f} s")
 
     # (a) speed with each generator's defaults
@@ -274,10 +307,10 @@ def main() -> None:
     speed.pop("_reference_records"), speed.pop("_fast_records")
     result["speed_defaults"] = {"model": "vit_b", "points_per_side": points, **speed}
     # (b) every filter off: fidelity, and the other end of the speed range
-    pair = run_pair(sam, image, "unfiltered", points_per_side=points, **UNFILTERED)
+    pair = run_pair(sam, image, "unfiltered", points_per_side=fid_points, **UNFILTERED)
     fid = fidelity(pair.pop("_reference_records"), pair.pop("_fast_records"))
-    result["speed_unfiltered"] = {"model": "vit_b", "points_per_side": points, **pair}
-    result["fidelity"] = {"model": "vit_b", "points_per_side": points, **UNFILTERED, **fid}
+    result["speed_unfiltered"] = {"model": "vit_b", "points_per_side": fid_points, **pair}
+    result["fidelity"] = {"model": "vit_b", "points_per_side": fid_points, **UNFILTERED, **fid}
     log(f"fidelity {fid}")
     _write(result)
 

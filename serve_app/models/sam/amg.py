@@ -82,7 +82,14 @@ class _Survivors:
 
 
 class FastMaskGenerator:
-    """Drop-in for SamAutomaticMaskGenerator's single-layer options; see module doc."""
+    """Drop-in for SamAutomaticMaskGenerator's single-layer options; see module doc.
+
+    Options beyond the reference's: `stability_margin`, how close to
+    `stability_score_thresh` a model-scale score must be to get re-scored at full size;
+    `chunk`, masks per post-processing step (memory: chunk x 1024x1024 floats);
+    `decoder_batch`, prompts per decoder pass (`points_per_batch` only sets how many
+    prompts are encoded at once and the progress steps).
+    """
 
     def __init__(
         self,
@@ -137,7 +144,8 @@ class FastMaskGenerator:
             self.model.image_encoder.img_size,
             self.model.prompt_encoder.mask_input_size[0],
         )
-        survivors = self._decode_all(emb, g, report)
+        full = FullResDecoder(g)  # one original-size buffer, reused for every mask
+        survivors = self._decode_all(emb, g, full, report)
         if not len(survivors):
             report(1.0, "postprocess")
             return []
@@ -146,10 +154,12 @@ class FastMaskGenerator:
         points = np.concatenate(survivors.points)
         keep = batched_nms(boxes.float(), iou, torch.zeros(len(boxes)), self.box_nms_thresh)
         report(_ENCODER + _DECODER, "postprocess")
-        return self._finish(survivors.low, iou, points, keep.tolist(), g, report)
+        return self._finish(survivors.low, iou, points, keep.tolist(), full, report)
 
     # -- stage 2-3: decoder and per-batch filters ------------------------------------
-    def _decode_all(self, emb: Embedding, g: Geometry, report: Progress) -> _Survivors:
+    def _decode_all(
+        self, emb: Embedding, g: Geometry, full: FullResDecoder, report: Progress
+    ) -> _Survivors:
         h, w = emb.orig_hw
         points_all = self.point_grid * np.array([[w, h]])
         transform = ResizeLongestSide(self.model.image_encoder.img_size)
@@ -186,6 +196,7 @@ class FastMaskGenerator:
                     points[select.numpy()].repeat(3, axis=0)[keep.flatten().numpy()],
                     g,
                     bands,
+                    full,
                     survivors,
                 )
             report(_ENCODER + _DECODER * (b + 1) / n_batches, f"decoder batch {b + 1}/{n_batches}")
@@ -198,6 +209,7 @@ class FastMaskGenerator:
         points: np.ndarray,
         g: Geometry,
         bands: BandBoxes | None,
+        full: FullResDecoder,
         out: _Survivors,
     ) -> None:
         thr, off = self.mask_threshold, self.stability_score_offset
@@ -210,28 +222,27 @@ class FastMaskGenerator:
             )
             inter = to_input_scale(lc, g)
             if bands is None:  # small original: the reference's own full-size path
-                full = to_orig(inter, g)
-                stab = stability_score(full, thr, off)
+                logits = to_orig(inter, g)
+                stab = stability_score(logits, thr, off)
                 keep = stab >= s_thr if s_thr > 0 else torch.ones_like(stab, dtype=torch.bool)
-                boxes = batched_mask_to_box(full[keep] > thr)
+                boxes = batched_mask_to_box(logits[keep] > thr)
             else:
                 stab = stability_score(inter, thr, off)
-                keep = self._stability_keep(stab, lc, g)
+                keep = self._stability_keep(stab, lc, full)
                 boxes = bands(inter[keep], thr)
             del inter
             if bool(keep.any()):
                 out.add(lc[keep], ic[keep], boxes, pc[keep.numpy()])
 
-    def _stability_keep(self, stab: Tensor, low: Tensor, g: Geometry) -> Tensor:
+    def _stability_keep(self, stab: Tensor, low: Tensor, full: FullResDecoder) -> Tensor:
         s_thr = self.stability_score_thresh
         if s_thr <= 0:
             return torch.ones_like(stab, dtype=torch.bool)
         keep = stab >= s_thr
         unsure = (stab - s_thr).abs() < self.stability_margin
         if bool(unsure.any()):
-            decoder = FullResDecoder(g)
             for j in torch.nonzero(unsure).flatten().tolist():
-                d = decoder.decode(low[j], self.mask_threshold, self.stability_score_offset)
+                d = full.decode(low[j], self.mask_threshold, self.stability_score_offset)
                 keep[j] = d.stability >= s_thr
         return keep
 
@@ -242,10 +253,9 @@ class FastMaskGenerator:
         iou: Tensor,
         points: np.ndarray,
         keep: list[int],
-        g: Geometry,
+        decoder: FullResDecoder,
         report: Progress,
     ) -> list[MaskRecord]:
-        decoder = FullResDecoder(g)
         records: list[MaskRecord] = []
         unchanged: list[float] = []
         start = _ENCODER + _DECODER
