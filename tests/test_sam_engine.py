@@ -116,6 +116,14 @@ def test_registry_builds_tiny_and_loads_checkpoint(sam, tmp_path):
         build_sam("vit_x", None)
 
 
+def test_fused_attention_encoder_matches_stock(sam, small):
+    from serve_app.models.sam.encoder import embed
+
+    stock, fused = embed(sam, small, fused=False), embed(sam, small, fused=True)
+    assert stock.input_hw == fused.input_hw == (768, 1024)
+    assert torch.allclose(stock.features, fused.features, atol=1e-4)
+
+
 # -- RLE ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (240, 320)])
 def test_rle_round_trip(shape):

@@ -9,6 +9,8 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
+from serve_app.models.sam import vit
+
 
 @dataclass(frozen=True)
 class Embedding:
@@ -33,11 +35,18 @@ def check_image(image_rgb: np.ndarray) -> None:
 
 
 @torch.inference_mode()
-def embed(sam: nn.Module, image_rgb: np.ndarray) -> Embedding:
-    """Resize (long side img_size, PIL bilinear as upstream), normalise, pad, encode."""
+def embed(sam: nn.Module, image_rgb: np.ndarray, fused: bool = True) -> Embedding:
+    """Resize (long side img_size, PIL bilinear as upstream), normalise, pad, encode.
+
+    `fused`: run SAM's ViT with fused attention (vit.py); False runs the stock module.
+    """
     check_image(image_rgb)
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     resized = transform.apply_image(image_rgb)
     x = torch.as_tensor(resized, device=model_device(sam)).permute(2, 0, 1).contiguous()[None]
-    features = sam.image_encoder(sam.preprocess(x))
+    x = sam.preprocess(x)
+    if fused and vit.supports(sam.image_encoder):
+        features = vit.forward(sam.image_encoder, x)
+    else:
+        features = sam.image_encoder(x)
     return Embedding(features, tuple(image_rgb.shape[:2]), tuple(resized.shape[:2]))
