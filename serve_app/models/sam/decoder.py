@@ -205,7 +205,7 @@ class FastDecoder:
         first = 1 if multimask else 0
         count = self.md.num_mask_tokens - 1 if multimask else 1
         tokens, keys = state.tokens, state.keys
-        if select is not None:
+        if select is not None and len(select) < len(keys):  # all selected: no copy
             tokens, keys = tokens[select], keys[select]
         mask_tokens = tokens[:, 1 + first : 1 + first + count, :]
         hyper = torch.stack(
