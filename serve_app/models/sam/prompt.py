@@ -74,15 +74,20 @@ class PromptedSegmenter:
         self.cache = EmbeddingCache(cache_bytes)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.encoder_calls = 0
-        self.last_hit = False
+        self._local = threading.local()  # last_hit per calling thread
+
+    @property
+    def last_hit(self) -> bool:
+        """Whether this thread's last `segment` found its embedding in the cache."""
+        return getattr(self._local, "hit", False)
 
     def embedding(self, image_rgb: np.ndarray, key: str | None) -> Embedding:
         """The image's embedding from the cache, or from the encoder (then cached)."""
         found = self.cache.get(key) if key is not None else None
         if found is not None and found.orig_hw == tuple(image_rgb.shape[:2]):
-            self.last_hit = True
+            self._local.hit = True
             return found
-        self.last_hit = False
+        self._local.hit = False
         self.encoder_calls += 1
         emb = embed(self.model, image_rgb)
         if key is not None:
