@@ -7,7 +7,7 @@ compute is the same as with trained weights, the masks mean nothing, and the IoU
 scores are low, which matters for (a), see below.
 
 (a) speed: vit_b, the same model object and ~1 MP image for both, each generator with its
-    defaults (32x32 points; 16x16 with --quick). With random weights no mask
+    defaults (32x32 points; 12x12 with --quick). With random weights no mask
     passes the default pred_iou_thresh (0.88), so the reference still upsamples every mask
     while ours skips the mask upscaler entirely: that ratio flatters us. The run with every
     filter off (b) is the opposite extreme (every mask kept and decoded at full size);
@@ -271,7 +271,7 @@ def main() -> None:
     quick = args.quick
     # Speed at the generators' defaults uses the default 32x32 grid (16x16 with --quick);
     # the unfiltered run decodes every mask of both, so it uses a coarser grid.
-    points = 16 if quick else 32
+    points = 12 if quick else 32
     fid_points = 6 if quick else 16
     sizes = [1, 12] if quick else [1, 6, 12, 24]
     mem_points = 4 if quick else 8
