@@ -22,10 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from serve_app.registry import names_of
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-DETECTORS = ("face-detect-pigo", "face-detect-opencv", "basic-face-detection", "cnn-face-detection")
-SAM = ("sam-segmentation-light", "sam-segmentation", "sam-vit-h", "sam-mobile")
+DETECTORS = tuple(names_of("detector"))
+SAM = tuple(names_of("segmenter"))
 
 
 def stats(latencies: list[float], wall: float) -> dict[str, float]:
@@ -40,9 +42,9 @@ def stats(latencies: list[float], wall: float) -> dict[str, float]:
 
 def load_replica(name: str, threads: int, model_dir: Path) -> Any:
     """The replica class the deployment runs, constructed outside Serve."""
-    from serve_app.deployments.detectors import DETECTORS as CLASSES
+    from serve_app.registry import MODELS
 
-    cls = CLASSES[name].func_or_class
+    cls = MODELS[name].deployment_class().func_or_class
     return cls(name, {"threads": threads}, str(model_dir), 50_000_000)
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from kuberay.footprint import minikube_size
 from kuberay.quantity import memory_bytes
+from serve_app.config import weights_needed
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "config" / "serve.yaml"
@@ -72,14 +73,6 @@ def cluster_serve_text(text: str) -> str:
     if yaml.safe_load(out) != expected:
         raise GenerateError("editing http_options.host changed more than the host")
     return out
-
-
-# -- model weights ---------------------------------------------------------------------------
-def required_weights(serve_cfg: dict[str, Any], deployment_names: list[str]) -> list[str]:
-    """Weight files the given (enabled) model deployments need, in registry order."""
-    from serve_app.app import weights_needed
-
-    return weights_needed(serve_cfg, deployment_names)
 
 
 # -- manifest --------------------------------------------------------------------------------
@@ -134,7 +127,7 @@ def _worker(group: Any, serve_cfg: dict[str, Any], cluster: dict[str, Any]) -> d
     # Ray may put any replica that fits on this pod, so fetch for all of those, not only for
     # the deployments the group is meant for.
     can_land = [r.name for r in sizing.replicas(serve_cfg) if r.enabled and sizing.fits(r, group)]
-    names = required_weights(serve_cfg, can_land)
+    names = weights_needed(serve_cfg, can_land)
     mount = {"name": "models", "mountPath": models["mountPath"]}
     spec: dict[str, Any] = {}
     if names:

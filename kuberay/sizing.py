@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from kuberay.quantity import cpu_cores, gib, memory_bytes
-from serve_app.config import MODEL_KINDS
+from serve_app.registry import MODELS
 
 CLUSTER_CONFIG = Path(__file__).resolve().parent / "cluster.yaml"
 
@@ -220,7 +220,7 @@ def check(cluster: dict[str, Any], serve_cfg: dict[str, Any]) -> list[str]:
         if r.num_cpus <= 0:
             raise SizingError(f"{r.name}: num_cpus 0 would let replicas land on the head")
         strays = [n for n in where if n not in {g.name for g in meant[r.name]}]
-        if MODEL_KINDS.get(r.name) == "segmenter" and strays:
+        if r.name in MODELS and MODELS[r.name].kind == "segmenter" and strays:
             raise SizingError(f"{r.name}: also fits {strays}, which are not meant for it")
     for count in ("min_replicas", "max_replicas"):
         packed = pack(reps, meant, count)

@@ -12,28 +12,16 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve_app.registry import MODELS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "serve.yaml"
 
-ModelKind = Literal["detector", "segmenter"]
-
-# The function names of the OpenFaaS setup this replaces, plus the two new SAM variants.
-# Each name is both the Serve deployment name and the URL path segment.
-MODEL_KINDS: dict[str, ModelKind] = {
-    "face-detect-pigo": "detector",
-    "face-detect-opencv": "detector",
-    "basic-face-detection": "detector",
-    "cnn-face-detection": "detector",
-    "sam-segmentation-light": "segmenter",
-    "sam-segmentation": "segmenter",
-    "sam-vit-h": "segmenter",
-    "sam-mobile": "segmenter",
-}
 ROUTER_DEPLOYMENT = "router"
 JOBS_DEPLOYMENT = "jobs"
 
@@ -134,10 +122,35 @@ def parse_app_settings(args: dict[str, Any] | None) -> AppSettings:
         settings = AppSettings.model_validate(args or {})
     except ValidationError as err:
         raise ConfigError(f"applications[0].args: {_pydantic_message(err)}") from err
-    unknown = sorted(set(settings.models) - set(MODEL_KINDS))
+    unknown = sorted(set(settings.models) - set(MODELS))
     if unknown:
-        raise ConfigError(f"args.models: unknown model(s) {unknown}; known: {sorted(MODEL_KINDS)}")
+        raise ConfigError(f"args.models: unknown model(s) {unknown}; known: {sorted(MODELS)}")
     return settings
+
+
+def validate_options(name: str, options: dict[str, Any]) -> BaseModel:
+    """A model's `options`, checked against its registry entry's options class."""
+    try:
+        return MODELS[name].options.model_validate(options)
+    except ValidationError as err:
+        raise ConfigError(f"args.models.{name}.options: {err}") from err
+
+
+def weights_needed(cfg: dict[str, Any], deployment_names: list[str] | None = None) -> list[str]:
+    """Weight files the enabled models of a serve config need, in weights-registry order.
+
+    From each model's registry entry and its configured options, so `make models` and the
+    KubeRay init containers fetch exactly what the service will look for.
+    """
+    from serve_app.models.weights import REGISTRY
+
+    models = parse_app_settings(cfg["applications"][0].get("args")).models
+    names = deployment_names if deployment_names is not None else list(models)
+    needed: set[str] = set()
+    for name in names:
+        if name in models and models[name].enabled:
+            needed.update(MODELS[name].weights(validate_options(name, models[name].options)))
+    return [w for w in REGISTRY if w in needed]
 
 
 def validate_config(cfg: dict[str, Any]) -> AppSettings:

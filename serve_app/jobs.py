@@ -18,9 +18,10 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import MODEL_KINDS, AppSettings
+from serve_app.config import AppSettings
 from serve_app.errors import ModelUnavailable
 from serve_app.inputs.errors import InputError
+from serve_app.registry import MODELS
 
 log = logging.getLogger("ray.serve")
 
@@ -105,7 +106,7 @@ class JobManager:
         timeout = self.settings.models[job.model].timeout_s
         try:
             async with asyncio.timeout(timeout):
-                if MODEL_KINDS[job.model] == "segmenter":
+                if MODELS[job.model].kind == "segmenter":
                     stream = handle.options(stream=True).generate_stream.remote(
                         data, params, job.output, filename
                     )

@@ -37,11 +37,12 @@ from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.api import api
-from serve_app.config import MODEL_KINDS, AppSettings, Limits, ModelSettings
+from serve_app.config import AppSettings, Limits, ModelSettings
 from serve_app.errors import ModelUnavailable
 from serve_app.inputs.errors import InputError
 from serve_app.inputs.fetch import check_url
 from serve_app.inputs.request import parse_image_request
+from serve_app.registry import MODELS
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -76,11 +77,6 @@ def split_function_name(name: str) -> tuple[str, str | None]:
     """`face-detect-pigo.openfaas-fn` -> ("face-detect-pigo", "openfaas-fn")."""
     model, _, namespace = name.partition(".")
     return model, namespace or None
-
-
-def default_output(model: str) -> str:
-    """The answer format of the OpenFaaS function this model replaces."""
-    return "base64" if model == "basic-face-detection" else "jpeg"
 
 
 # -- invocation counts -----------------------------------------------------------------
@@ -129,7 +125,7 @@ class InvocationCounter:
         if match is None:
             return None
         model, _ = split_function_name(match.group(1))
-        return model if model in MODEL_KINDS else None
+        return model if model in MODELS else None
 
 
 # Import time, before Serve freezes the app for the ingress; outermost of the user
@@ -212,7 +208,7 @@ def function_status(
         "replicas": int(dep.replicas),
         "availableReplicas": int(dep.available),
         # map[string]string on the Go side: every value must be a string.
-        "labels": {"faas_function": name, "visionserve.kind": MODEL_KINDS[name]},
+        "labels": {"faas_function": name, "visionserve.kind": MODELS[name].kind},
         "annotations": {
             "visionserve.enabled": "true" if model.enabled else "false",
             "visionserve.deployment_status": dep.status,
@@ -330,7 +326,7 @@ class OpenFaaSRoutes:
         callback_url = request.headers.get("x-callback-url") or None
         if callback_url is not None:
             await self._openfaas_check_callback(callback_url)
-        output = request.query_params.get("format", default_output(model))
+        output = request.query_params.get("format", MODELS[model].default_output)
         image = await parse_image_request(
             request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
         )

@@ -19,12 +19,13 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import api
 from serve_app.auth import configure_auth
-from serve_app.config import MODEL_KINDS, AppSettings
+from serve_app.config import AppSettings
 from serve_app.errors import ModelUnavailable
 from serve_app.inputs.errors import InputError
 from serve_app.inputs.fetch import fetch_url
 from serve_app.inputs.request import parse_image_request
-from serve_app.openfaas import OpenFaaSRoutes, default_output
+from serve_app.registry import MODELS
+from serve_app.openfaas import OpenFaaSRoutes
 from serve_app.responses import answer
 
 log = logging.getLogger("ray.serve")
@@ -52,9 +53,9 @@ class Router(OpenFaaSRoutes):
     # -- helpers -----------------------------------------------------------------------
     def _handle(self, name: str, kind: str | None = None) -> DeploymentHandle:
         model = self.settings.models.get(name)
-        if model is None or (kind is not None and MODEL_KINDS[name] != kind):
+        if model is None or (kind is not None and MODELS[name].kind != kind):
             known = sorted(
-                n for n in self.settings.models if kind is None or MODEL_KINDS[n] == kind
+                n for n in self.settings.models if kind is None or MODELS[n].kind == kind
             )
             raise InputError(
                 404, "unknown_model", f"no {kind or 'model'} named {name!r}; known: {known}"
@@ -134,7 +135,13 @@ class Router(OpenFaaSRoutes):
             )
 
     async def _model_info(self, name: str) -> dict[str, Any]:
-        base = {"name": name, "kind": MODEL_KINDS[name]}
+        spec = MODELS[name]
+        base = {
+            "name": name,
+            "kind": spec.kind,
+            "default_output": spec.default_output,
+            "box_color": spec.box_color,
+        }
         if not self.settings.models[name].enabled:
             return {**base, "status": "disabled"}
         try:
@@ -154,8 +161,8 @@ class Router(OpenFaaSRoutes):
         # faas-cli appends the namespace (`.openfaas-fn`); model names have no dots.
         model = name.split(".", 1)[0]
         self._handle(model)
-        output = request.query_params.get("format", default_output(model))
-        method = "detect" if MODEL_KINDS[model] == "detector" else "generate"
+        output = request.query_params.get("format", MODELS[model].default_output)
+        method = "detect" if MODELS[model].kind == "detector" else "generate"
         return await self._run(model, method, request, output)
 
     async def _run(self, model: str, method: str, request: Request, output: str) -> Response:

@@ -52,8 +52,9 @@ def service_config(port: int, model_dir: Path) -> dict:
         "ray_actor_options": {"memory": 1024 * 2**20},
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
     }
-    detectors = ("face-detect-pigo", "face-detect-opencv", "basic-face-detection",
-                 "cnn-face-detection")
+    from serve_app.registry import names_of
+
+    detectors = names_of("detector")
     return with_overrides(
         load_config(),
         port=port,

@@ -177,10 +177,10 @@ def test_replica_killed_under_load_is_replaced(service, http, sample, cnn_ready)
 CONCURRENCY_SCRIPT = """
 import asyncio, sys
 import cv2, numpy as np
-from serve_app.deployments.detectors import DETECTORS
+from serve_app.registry import MODELS
 
 name, model_dir, path = sys.argv[1:4]
-deployment = DETECTORS[name].func_or_class(name, {}, model_dir, 50_000_000)
+deployment = MODELS[name].deployment_class().func_or_class(name, {}, model_dir, 50_000_000)
 sample = cv2.imread(path)
 images = [cv2.imencode(".jpg", cv2.resize(sample, size))[1].tobytes()
           for size in ((320, 400), (120, 150), (640, 800), (64, 80))]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import shared_file
 
-DETECTORS = ["face-detect-pigo", "face-detect-opencv", "basic-face-detection",
-             "cnn-face-detection"]
+from serve_app.registry import names_of
+
+DETECTORS = names_of("detector")
 
 
 @pytest.fixture(scope="module")

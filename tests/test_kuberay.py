@@ -22,7 +22,8 @@ from kuberay import generate as gen
 from kuberay import sizing
 from kuberay.footprint import cluster_footprint, minikube_size
 from kuberay.quantity import cpu_cores, memory_bytes
-from serve_app.config import MODEL_KINDS, load_config, validate_config
+from serve_app.config import load_config, validate_config
+from serve_app.registry import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"
@@ -173,7 +174,7 @@ def test_segmenters_fit_only_the_groups_meant_for_them(cluster, serve_cfg):
     groups = sizing.groups(cluster)
     meant = sizing.placement(cluster, sizing.replicas(serve_cfg), groups)
     for r in sizing.replicas(serve_cfg):
-        if MODEL_KINDS.get(r.name) == "segmenter" and r.enabled:
+        if r.name in MODELS and MODELS[r.name].kind == "segmenter" and r.enabled:
             fits = {g.name for g in groups if sizing.fits(r, g)}
             assert fits <= {g.name for g in meant[r.name]}, (r.name, fits)
     # The large SAM models are kept off the cpu group by memory alone.

@@ -8,42 +8,26 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, ClassVar
+from typing import Any
 
 import cv2
 import ray
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from serve_app.config import ConfigError, cpu_threads
+from serve_app.config import cpu_threads, validate_options
 from serve_app.errors import ModelUnavailable
 from serve_app.models import weights
+from serve_app.registry import MODELS
 
 log = logging.getLogger("ray.serve")
 
 
-class BaseOptions(BaseModel):
-    """`args.models.<name>.options` in config/serve.yaml; unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-    threads: int | None = None  # default: ceil(the replica's num_cpus)
-
-
-def validate_options(cls: type[ModelDeployment], name: str, options: dict[str, Any]) -> BaseModel:
-    try:
-        return cls.Options.model_validate(options)
-    except ValidationError as err:
-        raise ConfigError(f"args.models.{name}.options: {err}") from err
-
-
 class ModelDeployment:
-    KIND: ClassVar[str]
-    Options: ClassVar[type[BaseOptions]] = BaseOptions
-
     def __init__(
         self, name: str, options: dict[str, Any], model_dir: str | None, max_pixels: int
     ) -> None:
         self.name = name
-        self.options = validate_options(type(self), name, options)
+        self.spec = MODELS[name]
+        self.options: Any = validate_options(name, options)
         self.model_dir = model_dir
         self.max_pixels = max_pixels
         self.resources = _assigned_resources()
@@ -54,9 +38,6 @@ class ModelDeployment:
         self._try_load()
 
     # -- to override -------------------------------------------------------------------
-    def required_weights(self) -> list[str]:
-        return []
-
     def load(self) -> Any:
         raise NotImplementedError
 
@@ -66,7 +47,8 @@ class ModelDeployment:
 
     # -- shared ------------------------------------------------------------------------
     def missing_weights(self) -> list[str]:
-        return [w for w in self.required_weights() if weights.find(w, self.model_dir) is None]
+        needed = self.spec.weights(self.options)
+        return [w for w in needed if weights.find(w, self.model_dir) is None]
 
     def _try_load(self) -> None:
         # Weights may be fetched while the service runs; the next request then loads them
@@ -92,7 +74,7 @@ class ModelDeployment:
         missing = [] if self.model is not None else self.missing_weights()
         return {
             "name": self.name,
-            "kind": self.KIND,
+            "kind": self.spec.kind,
             "status": "ready" if not missing else "missing weights",
             "missing_weights": missing,
             "fetch_command": " && ".join(weights.fetch_command(w, self.model_dir) for w in missing)

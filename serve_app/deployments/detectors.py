@@ -11,12 +11,12 @@ import asyncio
 import base64
 import threading
 import time
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 from ray import serve
 
-from serve_app.deployments.base import BaseOptions, ModelDeployment
+from serve_app.deployments.base import ModelDeployment
 from serve_app.deployments.params import Param, parse_params
 from serve_app.inputs.decode import decode_image
 from serve_app.inputs.errors import InputError
@@ -29,9 +29,7 @@ OUTPUTS = ("json", "jpeg", "png", "base64")
 
 
 class DetectorDeployment(ModelDeployment):
-    KIND = "detector"
     PARAMS: ClassVar[dict[str, Param]]
-    BOX_COLOR: ClassVar[tuple[int, int, int]] = (0, 255, 0)
 
     def run(self, model: Any, image_bgr, params: dict[str, Any]) -> list[Detection]:
         raise NotImplementedError
@@ -76,7 +74,7 @@ class DetectorDeployment(ModelDeployment):
         }
         if output != "json":
             fmt = "jpeg" if output == "base64" else output
-            encoded = encode_image(draw_boxes(image, faces, self.BOX_COLOR), fmt)
+            encoded = encode_image(draw_boxes(image, faces, self.spec.box_bgr()), fmt)
             if output == "base64":
                 result["image_base64"] = base64.b64encode(encoded).decode("ascii")
             else:
@@ -92,18 +90,10 @@ class DetectorDeployment(ModelDeployment):
         return result
 
 
-class PigoOptions(BaseOptions):
-    weights: str = "facefinder"
-    # pigo's grayscale: "head" (the reference detections) or "v1_1_0" (what the OpenFaaS
-    # store function was built with; differs by one level on some pixels).
-    gray: Literal["head", "v1_1_0"] = "head"
-
-
 @serve.deployment
 class PigoDetector(DetectorDeployment):
     """Pico cascade (pigo's `facefinder`), with the OpenFaaS store function's parameters."""
 
-    Options = PigoOptions
     PARAMS = {
         "min_size": Param(int, 20, 4, 10000, "smallest face side in pixels"),
         "max_size": Param(int, 2000, 4, 20000, "largest face side in pixels"),
@@ -112,9 +102,6 @@ class PigoDetector(DetectorDeployment):
         "iou_threshold": Param(float, 0.18, 0.0, 1.0, "overlap that merges two detections"),
         "q_threshold": Param(float, 5.0, 0.0, 1000.0, "minimum cluster score to keep a face"),
     }
-
-    def required_weights(self) -> list[str]:
-        return [self.options.weights]
 
     def load(self):
         from serve_app.models.pico import PicoCascade
@@ -133,10 +120,6 @@ class PigoDetector(DetectorDeployment):
         return model.detect(gray, PicoParams(**params), threads=self.threads)
 
 
-class HaarOptions(BaseOptions):
-    cascade: str = "haarcascade_frontalface_default.xml"  # a file in cv2.data.haarcascades
-
-
 def _haar_params(scale: float, neighbours: int) -> dict[str, Param]:
     return {
         "scale_factor": Param(float, scale, 1.01, 2.0, "image pyramid step"),
@@ -146,8 +129,6 @@ def _haar_params(scale: float, neighbours: int) -> dict[str, Param]:
 
 
 class _HaarBase(DetectorDeployment):
-    Options = HaarOptions
-
     def load(self):
         from pathlib import Path
 
@@ -173,23 +154,12 @@ class BasicHaarDetector(_HaarBase):
     """The seed's Python Haar function: detectMultiScale(gray, 1.3, 5), blue boxes, base64."""
 
     PARAMS = _haar_params(1.3, 5)
-    BOX_COLOR = (255, 0, 0)
-
-
-class CnnOptions(BaseOptions):
-    weights: str = "res10_ssd"
-    prototxt: str = "res10_prototxt"
-    # 600 is the seed's blob; 300 is the net's native size, which finds large faces.
-    blob_sizes: list[int] = [600, 300]
-    min_inside: float = 0.8  # share of a box's area that must lie inside the image
-    confidence: float = 0.85
 
 
 @serve.deployment
 class CnnDetector(DetectorDeployment):
     """OpenCV DNN res10 SSD on square blobs (600x600 as the seed, plus 300), confidence 0.85."""
 
-    Options = CnnOptions
     PARAMS: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, *args, **kwargs) -> None:
@@ -200,9 +170,6 @@ class CnnDetector(DetectorDeployment):
                 float, self.options.confidence, 0.05, 1.0, "minimum detection confidence"
             )
         }
-
-    def required_weights(self) -> list[str]:
-        return [self.options.weights, self.options.prototxt]
 
     def load(self):
         from serve_app.models.res10 import Res10Detector
@@ -217,10 +184,3 @@ class CnnDetector(DetectorDeployment):
     def run(self, model, image_bgr, params):
         return model.detect(image_bgr, confidence=params["confidence"])
 
-
-DETECTORS: dict[str, Any] = {
-    "face-detect-pigo": PigoDetector,
-    "face-detect-opencv": HaarDetector,
-    "basic-face-detection": BasicHaarDetector,
-    "cnn-face-detection": CnnDetector,
-}

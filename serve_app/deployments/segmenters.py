@@ -12,13 +12,13 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 from ray import serve
 
-from serve_app.deployments.base import BaseOptions, ModelDeployment
+from serve_app.deployments.base import ModelDeployment
 from serve_app.deployments.params import Param, parse_params
 from serve_app.inputs.decode import decode_image
 from serve_app.inputs.errors import InputError
@@ -29,27 +29,7 @@ OUTPUTS = ("json", "jpeg", "png")
 OVERLAY_ALPHA = 0.35
 
 
-class SamOptions(BaseOptions):
-    variant: Literal["vit_b", "vit_l", "vit_h", "mobile", "tiny"]
-    weights: str | None = None  # registry name in serve_app.models.weights
-    # Runs the real code with untrained weights: for tests and benchmarks only, and
-    # reported as such in /v1/models, since the masks mean nothing.
-    random_weights: bool = False
-    device: str = "auto"
-    points_per_side: int = 32
-    max_points_per_side: int = 64
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    box_nms_thresh: float = 0.7
-    min_mask_region_area: int = 0
-    embedding_cache_bytes: int = 256 * 2**20
-    max_prompts: int = 64
-
-
 class SamSegmenter(ModelDeployment):
-    KIND = "segmenter"
-    Options = SamOptions
     PARAMS: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -71,11 +51,6 @@ class SamSegmenter(ModelDeployment):
         }
 
     # -- ModelDeployment ---------------------------------------------------------------
-    def required_weights(self) -> list[str]:
-        if self.options.random_weights or not self.options.weights:
-            return []
-        return [self.options.weights]
-
     def load(self) -> Any:
         import torch
 
@@ -310,10 +285,3 @@ def check_prompts_inside(prompts: dict[str, Any], width: int, height: int) -> No
 class SamDeployment(SamSegmenter):
     """One SAM variant; the config names it (sam-segmentation-light, sam-segmentation, ...)."""
 
-
-SEGMENTERS: dict[str, Any] = {
-    "sam-segmentation-light": SamDeployment,
-    "sam-segmentation": SamDeployment,
-    "sam-vit-h": SamDeployment,
-    "sam-mobile": SamDeployment,
-}

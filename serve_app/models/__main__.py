@@ -126,9 +126,8 @@ def _fetch(args: argparse.Namespace, directory: Path) -> int:
         print("error: give one of NAMEs, --all or --config", file=sys.stderr)
         return EXIT_USAGE
     if args.config:
-        # Imported here: it pulls in Ray Serve, which plain fetching does not need.
-        from serve_app.app import weights_needed
-        from serve_app.config import load_config
+        # Imported here: config checks need pydantic and yaml, which plain fetching does not.
+        from serve_app.config import load_config, weights_needed
 
         names = weights_needed(load_config(args.config))
     else:

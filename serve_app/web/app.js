@@ -8,9 +8,8 @@
 const POLL_MS = 300;             // job status polling interval
 const ORIGINAL_WAIT_MS = 5000;   // how long a run waits for the browser's copy of the image
 const MASK_ALPHA = 0.4;
-// Boxes in the colours the service draws (basic-face-detection keeps the seed's blue).
-const BOX_COLORS = { "basic-face-detection": "#1e40ff" };
-const BOX_COLOR = "#00e040";
+// Boxes in the colour the service draws, which /v1/models gives as `box_color`.
+const BOX_COLOR = "#00ff00";
 // Shown open; the rest of a model's parameters go under "More parameters".
 const MAIN_PARAMS = ["confidence", "points_per_side"];
 const KIND_LABELS = { detector: "Face detection", segmenter: "Segment Anything" };
@@ -388,7 +387,7 @@ async function renderLocally(model, data) {
   const ctx = canvas.getContext("2d");
   ctx.drawImage(img, 0, 0);
   if (model.kind === "detector") {
-    drawBoxes(ctx, data, BOX_COLORS[model.name] || BOX_COLOR);
+    drawBoxes(ctx, data, model.box_color || BOX_COLOR);
   } else {
     drawMasks(ctx, data);
   }

@@ -1,0 +1,106 @@
+"""Every model the service knows, in one table: what it is and what it needs.
+
+Config validation, the app graph, `/v1/models`, the OpenFaaS listing, the weights CLI and
+the KubeRay generator all read this table; none of them names a model. Adding a model is one
+entry here, one entry under `args.models` (and `deployments`) in config/serve.yaml, its
+options class, its deployment class and its model code.
+
+Light on purpose (pydantic only): the deployment class is named by import path and loaded
+on demand, so that reading the table never imports Ray Serve, OpenCV or torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from serve_app.deployments.options import (
+    BaseOptions,
+    CnnOptions,
+    HaarOptions,
+    PigoOptions,
+    SamOptions,
+)
+
+ModelKind = Literal["detector", "segmenter"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model. `name` is its Serve deployment name, URL path segment and function name."""
+
+    name: str
+    kind: ModelKind
+    deployment: str  # "module:Class", imported only when the app graph is built
+    options: type[BaseOptions]
+    # The weight files (serve_app.models.weights names) these validated options need.
+    weights: Callable[[Any], list[str]]
+    # What `/function/NAME` answers without `?format=`: the OpenFaaS function it replaces.
+    default_output: str = "jpeg"
+    # Box colour of annotated images, and of the web page's own drawing (#rrggbb).
+    box_color: str = "#00ff00"
+
+    def deployment_class(self) -> Any:
+        module, _, attr = self.deployment.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def box_bgr(self) -> tuple[int, int, int]:
+        """`box_color` in OpenCV's channel order."""
+        r, g, b = (int(self.box_color[i : i + 2], 16) for i in (1, 3, 5))
+        return (b, g, r)
+
+
+def _no_weights(_: Any) -> list[str]:
+    return []
+
+
+def _sam_weights(o: SamOptions) -> list[str]:
+    return [] if o.random_weights or not o.weights else [o.weights]
+
+
+_DETECTORS = "serve_app.deployments.detectors"
+_SAM = "serve_app.deployments.segmenters:SamDeployment"
+
+# The function names of the OpenFaaS setup this replaces, plus the two new SAM variants.
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "face-detect-pigo",
+            "detector",
+            f"{_DETECTORS}:PigoDetector",
+            PigoOptions,
+            lambda o: [o.weights],
+        ),
+        ModelSpec(
+            "face-detect-opencv", "detector", f"{_DETECTORS}:HaarDetector", HaarOptions, _no_weights
+        ),
+        # The seed's Python Haar function: blue boxes, answered as base64 text.
+        ModelSpec(
+            "basic-face-detection",
+            "detector",
+            f"{_DETECTORS}:BasicHaarDetector",
+            HaarOptions,
+            _no_weights,
+            default_output="base64",
+            box_color="#0000ff",
+        ),
+        ModelSpec(
+            "cnn-face-detection",
+            "detector",
+            f"{_DETECTORS}:CnnDetector",
+            CnnOptions,
+            lambda o: [o.weights, o.prototxt],
+        ),
+        ModelSpec("sam-segmentation-light", "segmenter", _SAM, SamOptions, _sam_weights),
+        ModelSpec("sam-segmentation", "segmenter", _SAM, SamOptions, _sam_weights),
+        ModelSpec("sam-vit-h", "segmenter", _SAM, SamOptions, _sam_weights),
+        ModelSpec("sam-mobile", "segmenter", _SAM, SamOptions, _sam_weights),
+    )
+}
+
+
+def names_of(kind: ModelKind) -> list[str]:
+    return [name for name, spec in MODELS.items() if spec.kind == kind]
