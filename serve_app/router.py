@@ -24,8 +24,8 @@ from serve_app.errors import ModelUnavailable
 from serve_app.inputs.errors import InputError
 from serve_app.inputs.fetch import fetch_url
 from serve_app.inputs.request import parse_image_request
-from serve_app.registry import MODELS
 from serve_app.openfaas import OpenFaaSRoutes
+from serve_app.registry import MODELS
 from serve_app.responses import answer
 
 log = logging.getLogger("ray.serve")
