@@ -1,9 +1,11 @@
-"""The FastAPI app behind the router, and how errors become JSON answers.
+"""The FastAPI app behind the router: its middleware, and how errors become JSON answers.
 
-Every error leaves as `{"error": <code>, "detail": <message>}` with a 4xx/5xx status:
-the router's own refusals, model deployments' `InputError`/`ModelUnavailable` (which
-cross Ray as exceptions of the same class) and Starlette's 404/405. A model's full queue is
-turned into a 503 by `Router._call`, not here: Serve installs its own handler for
+Every error leaves as `{"error": <code>, "detail": <message>, "request_id": <id>}` with a
+4xx/5xx status: `ServiceError`s from the router, the input layer and the model deployments
+(which cross Ray as exceptions of the same class), and Starlette's 404/405. The request id
+is Serve's (also in the `X-Request-Id` header and on every replica log line of the call),
+so an operator finds the internal detail an answer leaves out. A model's full queue is
+turned into a 503 by `serve_app.calls`, not here: Serve installs its own handler for
 BackPressureError on the ingress app, which would override one registered here.
 """
 
@@ -15,11 +17,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.auth import ApiKeyMiddleware
-from serve_app.errors import ModelUnavailable
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError, request_id
 
 log = logging.getLogger("ray.serve")
-RETRY_AFTER_S = 2
 
 api = FastAPI(
     title="visionserve",
@@ -30,42 +30,40 @@ api = FastAPI(
 api.add_middleware(ApiKeyMiddleware)
 
 
-def error_response(
-    status: int, error: str, detail: str, headers: dict | None = None
-) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+def error_response(request: Request, err: ServiceError) -> JSONResponse:
+    headers = None
+    if err.retry_after_s is not None:
+        headers = {"Retry-After": str(err.retry_after_s)}
+    body = err.body(request_id(request.headers.get("x-request-id")))
+    return JSONResponse(body, status_code=err.status, headers=headers)
 
 
-@api.exception_handler(InputError)
-async def _input_error(_: Request, err: InputError) -> JSONResponse:
-    return error_response(err.status, err.error, err.detail)
-
-
-@api.exception_handler(ModelUnavailable)
-async def _unavailable(_: Request, err: ModelUnavailable) -> JSONResponse:
-    # Overload clears in seconds; missing weights or a disabled model take an operator.
-    retry = RETRY_AFTER_S if err.error in ("overloaded", "replica_died") else 30
-    return error_response(err.status, err.error, err.detail, {"Retry-After": str(retry)})
+@api.exception_handler(ServiceError)
+async def _service_error(request: Request, err: ServiceError) -> JSONResponse:
+    return error_response(request, err)
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
-    return error_response(
-        err.status_code,
-        codes.get(err.status_code, "http_error"),
-        str(err.detail),
-        getattr(err, "headers", None),
+    response = error_response(
+        request,
+        ServiceError(err.status_code, codes.get(err.status_code, "http_error"), str(err.detail)),
     )
+    response.headers.update(getattr(err, "headers", None) or {})
+    return response
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    return error_response(422, "bad_request", str(err.errors()))
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    return error_response(request, ServiceError(422, "bad_request", str(err.errors())))
 
 
 @api.exception_handler(Exception)
-async def _unexpected(_: Request, err: Exception) -> JSONResponse:
-    # A bug, or a replica that died mid-call: still JSON, and logged with its traceback.
-    log.error("unhandled %s", type(err).__name__, exc_info=err)
-    return error_response(500, "internal", f"{type(err).__name__}: the server failed; see logs")
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    # A bug, or a replica that died mid-call: still JSON, but its text (Ray's includes pids,
+    # node addresses and paths) goes to the log only, under the request id.
+    rid = request_id(request.headers.get("x-request-id"))
+    log.error("request %s: unhandled %s", rid, type(err).__name__, exc_info=err)
+    internal = ServiceError(500, "internal", f"the server failed; see the logs for request {rid}")
+    return JSONResponse(internal.body(rid), status_code=500)

@@ -25,6 +25,8 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from serve_app.errors import ServiceError, request_id
+
 DEFAULT_ENV = "VISIONSERVE_API_KEY"
 # Load balancers and Kubernetes probes cannot send a key; the health check reveals nothing.
 EXEMPT_PATHS = frozenset({"/healthz"})
@@ -159,7 +161,8 @@ async def _refuse(scope: Scope, send: Send, problem: tuple[str, str | None]) -> 
         # Closing before accept makes the server answer the handshake with 403.
         await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
         return
-    body = json.dumps({"error": "unauthorized", "detail": detail}).encode()
+    given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+    body = json.dumps(ServiceError(401, "unauthorized", detail).body(request_id(given))).encode()
     await send(
         {
             "type": "http.response.start",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import JSONResponse, Response
 
 from serve_app.config import AppSettings
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError
 from serve_app.inputs.fetch import post_url
 from serve_app.responses import answer
 
@@ -83,9 +83,9 @@ async def post_callback(job: Job, settings: AppSettings) -> str:
                 read_timeout_s=timeout,
                 total_timeout_s=timeout,
             )
-        except InputError as err:
-            reason = err.detail
-            if err.error in PERMANENT_ERRORS:
+        except ServiceError as err:
+            reason = err.message
+            if err.code in PERMANENT_ERRORS:
                 return _failed(job, reason, attempt)
         else:
             if 200 <= code < 300:

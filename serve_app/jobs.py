@@ -19,8 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppSettings
-from serve_app.errors import ModelUnavailable
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError, Unavailable
 from serve_app.registry import MODELS
 
 log = logging.getLogger("ray.serve")
@@ -87,7 +86,7 @@ class JobManager:
         self._evict()
         active = sum(1 for j in self.jobs.values() if j.status in ("queued", "running"))
         if active >= self.settings.jobs.max_jobs:
-            raise ModelUnavailable(
+            raise Unavailable(
                 "too_many_jobs",
                 f"{active} jobs are queued or running (jobs.max_jobs); retry later",
             )
@@ -124,13 +123,18 @@ class JobManager:
         except TimeoutError:
             job.status = "failed"
             job.error = {"error": "timeout", "detail": f"not done within {timeout} s"}
-        except (InputError, ModelUnavailable) as err:
+        except ServiceError as err:
             job.status = "failed"
-            job.error = {"error": err.error, "detail": err.detail, "status": err.status}
-        except Exception as err:  # a crashed replica must not take the job table with it
+            job.error = {"error": err.code, "detail": err.message, "status": err.status}
+        except Exception:  # a crashed replica must not take the job table with it
+            # Its text (Ray's names pids, node addresses, paths) stays in this log.
             log.exception("job %s failed", job.id)
             job.status = "failed"
-            job.error = {"error": "internal", "detail": f"{type(err).__name__}: {err}"}
+            job.error = {
+                "error": "internal",
+                "detail": f"the job failed; see the jobs replica log for job {job.id}",
+                "status": 500,
+            }
         finally:
             job.finished = time.time()
         if job.callback_url:
@@ -148,13 +152,13 @@ class JobManager:
         job = self._get(job_id)
         if job.status == "failed":
             err = job.error or {}
-            raise InputError(
+            raise ServiceError(
                 int(err.get("status", 500)),
                 err.get("error", "failed"),
                 err.get("detail", "job failed"),
             )
         if job.status != "done":
-            raise InputError(
+            raise ServiceError(
                 409,
                 "not_done",
                 f"job {job_id} is {job.status} ({job.progress:.0%}); poll /v1/jobs/{job_id}",
@@ -168,7 +172,7 @@ class JobManager:
     def _get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise InputError(
+            raise ServiceError(
                 404,
                 "unknown_job",
                 f"no job {job_id!r} (finished jobs are kept {self.settings.jobs.ttl_s:.0f} s)",

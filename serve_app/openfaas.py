@@ -38,8 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.api import api
 from serve_app.config import AppSettings, Limits, ModelSettings
-from serve_app.errors import ModelUnavailable
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError, Unavailable
 from serve_app.inputs.fetch import check_url
 from serve_app.inputs.request import parse_image_request
 from serve_app.registry import MODELS
@@ -182,9 +181,10 @@ class CachedState:
                 self._value = await asyncio.to_thread(self._read)
             except Exception as err:
                 if self._value is None:
-                    raise ModelUnavailable(
-                        "status_unavailable", f"the Serve controller did not answer: {err}"
-                    ) from err
+                    log.warning("serve.status() failed: %r", err)
+                    raise Unavailable(
+                        "status_unavailable", "the Serve controller did not answer; retry"
+                    ) from None
                 log.warning("serve.status() failed (%s); answering the last known state", err)
                 return self._value  # stale, but retried on the next call
             self._at = time.monotonic()
@@ -297,7 +297,7 @@ class OpenFaaSRoutes:
         for item in await self._openfaas_functions(namespace or suffix):
             if item["name"] == model:
                 return JSONResponse(item)
-        raise InputError(404, "not_found", f"no function {name!r} in namespace {NAMESPACE!r}")
+        raise ServiceError(404, "not_found", f"no function {name!r} in namespace {NAMESPACE!r}")
 
     @api.get("/system/namespaces", tags=["openfaas"])
     @replica_method
@@ -343,6 +343,6 @@ class OpenFaaSRoutes:
                 allow_hosts=self.settings.fetch_allow_hosts,
                 resolve_timeout_s=self.limits.fetch_connect_timeout_s,
             )
-        except InputError as err:
-            code = "callback_refused" if err.error == "fetch_refused" else "bad_callback_url"
-            raise InputError(400, code, f"X-Callback-Url: {err.detail}") from None
+        except ServiceError as err:
+            code = "callback_refused" if err.code == "fetch_refused" else "bad_callback_url"
+            raise ServiceError(400, code, f"X-Callback-Url: {err.message}") from None

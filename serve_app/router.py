@@ -20,8 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.api import api
 from serve_app.auth import configure_auth
 from serve_app.config import AppSettings
-from serve_app.errors import ModelUnavailable
-from serve_app.inputs.errors import InputError
+from serve_app.errors import RETRY_SOON_S, ServiceError, Unavailable
 from serve_app.inputs.fetch import fetch_url
 from serve_app.inputs.request import parse_image_request
 from serve_app.openfaas import OpenFaaSRoutes
@@ -57,11 +56,11 @@ class Router(OpenFaaSRoutes):
             known = sorted(
                 n for n in self.settings.models if kind is None or MODELS[n].kind == kind
             )
-            raise InputError(
+            raise ServiceError(
                 404, "unknown_model", f"no {kind or 'model'} named {name!r}; known: {known}"
             )
         if not model.enabled:
-            raise ModelUnavailable(
+            raise Unavailable(
                 "model_disabled",
                 f"{name} is disabled; set args.models.{name}.enabled: true in config/serve.yaml",
             )
@@ -94,7 +93,7 @@ class Router(OpenFaaSRoutes):
                 return await asyncio.wait_for(response, max(left, 0.001))
             except TimeoutError:
                 response.cancel()
-                raise InputError(
+                raise ServiceError(
                     504,
                     "timeout",
                     f"{name} did not answer within {timeout} s (args.models.{name}.timeout_s)",
@@ -102,13 +101,16 @@ class Router(OpenFaaSRoutes):
             except BackPressureError:
                 # Raised here rather than left to api.py: Serve installs its own handler for
                 # this exception on the ingress app, which answers plain text.
-                raise ModelUnavailable(
-                    "overloaded", f"{name}'s queue is full; retry shortly", status=503
+                raise Unavailable(
+                    "overloaded", f"{name}'s queue is full; retry shortly", RETRY_SOON_S
                 ) from None
             except (ActorDiedError, ActorUnavailableError) as err:
                 if attempt == 2:
-                    raise ModelUnavailable(
-                        "replica_died", f"{name}'s replica stopped during the call: {err}"
+                    log.warning("%s: replica died again during %s: %r", name, method, err)
+                    raise Unavailable(
+                        "replica_died",
+                        f"{name}'s replica stopped during the call; retry shortly",
+                        RETRY_SOON_S,
                     ) from None
                 log.warning("%s: replica died during %s; retrying once", name, method)
 
@@ -128,7 +130,7 @@ class Router(OpenFaaSRoutes):
         self._handle(model)
         info = await self._model_info(model)
         if info["status"] == "missing weights":
-            raise ModelUnavailable(
+            raise Unavailable(
                 "weights_missing",
                 f"{model} needs weight file(s) {info['missing_weights']}; fetch them with: "
                 f"{info['fetch_command']}",
@@ -221,5 +223,5 @@ class Router(OpenFaaSRoutes):
     async def static(self, name: str) -> Response:
         path = (WEB_DIR / name).resolve()
         if path.parent != WEB_DIR or not path.is_file():
-            raise InputError(404, "not_found", f"no static file {name!r}")
+            raise ServiceError(404, "not_found", f"no static file {name!r}")
         return FileResponse(path)

@@ -69,7 +69,7 @@ def assert_401(r, detail_part: str = "") -> None:
     assert r.headers["content-type"] == "application/json"
     assert r.headers["www-authenticate"].startswith('Bearer realm="visionserve"')
     body = r.json()
-    assert set(body) == {"error", "detail"} and body["error"] == "unauthorized"
+    assert set(body) == {"error", "detail", "request_id"} and body["error"] == "unauthorized"
     assert detail_part in body["detail"]
 
 

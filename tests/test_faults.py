@@ -272,7 +272,7 @@ def is_json_error(r: httpx.Response) -> bool:
         body = r.json()
     except ValueError:
         return False
-    return isinstance(body, dict) and set(body) == {"error", "detail"}
+    return isinstance(body, dict) and set(body) == {"error", "detail", "request_id"}
 
 
 def describe(title: str, calls: list[Call]) -> str:

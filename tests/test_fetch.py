@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import pytest_socket
 
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError
 from serve_app.inputs.fetch import address_problem, compile_allow_hosts, fetch_url
 
 pytestmark = pytest.mark.allow_hosts(["127.0.0.1", "::1"])
@@ -117,8 +117,8 @@ def fetch(url: str, **kw) -> bytes:
     return run(fetch_url(url, **{**FAST, **kw}))
 
 
-def refused(url: str, **kw) -> InputError:
-    with pytest.raises(InputError) as exc:
+def refused(url: str, **kw) -> ServiceError:
+    with pytest.raises(ServiceError) as exc:
         fetch(url, **kw)
     return exc.value
 
@@ -351,9 +351,9 @@ REFUSED = [
 def test_refused_before_any_connection(url, status, words, connects) -> None:
     err = refused(url)
     assert err.status == status, err
-    assert words in err.detail, err
+    assert words in err.message, err
     if status == 400:
-        assert err.error in ("bad_url", "fetch_refused")
+        assert err.code in ("bad_url", "fetch_refused")
     assert connects == []
 
 
@@ -377,9 +377,9 @@ def test_allow_hosts_entries_are_validated() -> None:
 
 def test_allowlist_does_not_open_metadata(connects) -> None:
     err = refused("http://169.254.169.254/", allow_hosts=["169.254.0.0/16"])
-    assert "metadata" in err.detail
+    assert "metadata" in err.message
     err = refused("http://metadata.google.internal/", allow_hosts=["metadata.google.internal"])
-    assert "metadata" in err.detail
+    assert "metadata" in err.message
     assert connects == []
 
 
@@ -404,15 +404,15 @@ def test_numeric_shorthand_is_fetched_as_its_canonical_address(server, connects)
 
 def test_not_allowlisted_local_server_is_refused(server, connects) -> None:
     err = refused(f"{server.base}/img.png", allow_hosts=["127.0.0.2", "10.0.0.0/8"])
-    assert err.status == 400 and "loopback" in err.detail
+    assert err.status == 400 and "loopback" in err.message
     assert connects == []
 
 
 def test_redirect_to_private_address_is_refused_before_connecting(server, connects) -> None:
     url = f"{server.base}/redirect?to=http://10.0.0.1/x.png"
     err = refused(url, allow_hosts=["127.0.0.1"])
-    assert (err.status, err.error) == (400, "fetch_refused")
-    assert "10.0.0.1 is a private address" in err.detail and "redirect" in err.detail
+    assert (err.status, err.code) == (400, "fetch_refused")
+    assert "10.0.0.1 is a private address" in err.message and "redirect" in err.message
     assert connects == ["127.0.0.1"]
 
 
@@ -421,7 +421,7 @@ def test_redirect_to_other_loopback_address_is_refused(server, connects) -> None
     err = refused(
         f"{server.base}/redirect?to=http://127.0.0.2:{port}/img.png", allow_hosts=["127.0.0.1"]
     )
-    assert err.status == 400 and "127.0.0.2 is a loopback" in err.detail
+    assert err.status == 400 and "127.0.0.2 is a loopback" in err.message
     for target in ("http://[::ffff:7f00:2]/", "http://2130706434/", "file:///etc/passwd"):
         err = refused(f"{server.base}/redirect?to={target}", allow_hosts=["127.0.0.1"])
         assert err.status == 400, target
@@ -433,17 +433,17 @@ def test_relative_redirects_and_the_redirect_limit(server) -> None:
     assert fetch(f"{server.base}/redirect?to=/img.png", allow_hosts=ok) == PNG
     assert fetch(f"{server.base}/chain/3", allow_hosts=ok) == PNG
     err = refused(f"{server.base}/chain/4", allow_hosts=ok)
-    assert (err.status, err.error) == (400, "fetch_refused") and "redirects" in err.detail
+    assert (err.status, err.code) == (400, "fetch_refused") and "redirects" in err.message
     err = refused(f"{server.base}/chain/1", allow_hosts=ok, max_redirects=0)
-    assert "more than 0 redirects" in err.detail
+    assert "more than 0 redirects" in err.message
 
 
 def test_body_over_the_cap_is_refused_while_streaming(server) -> None:
     started = time.monotonic()
     err = refused(f"{server.base}/big", allow_hosts=["127.0.0.1"], max_bytes=100_000)
-    assert (err.status, err.error) == (413, "too_large")
+    assert (err.status, err.code) == (413, "too_large")
     err = refused(f"{server.base}/big-declared", allow_hosts=["127.0.0.1"], max_bytes=100_000)
-    assert (err.status, err.error) == (413, "too_large")
+    assert (err.status, err.code) == (413, "too_large")
     assert time.monotonic() - started < 2
     assert fetch(f"{server.base}/img.png", allow_hosts=["127.0.0.1"], max_bytes=len(PNG)) == PNG
     err = refused(f"{server.base}/img.png", allow_hosts=["127.0.0.1"], max_bytes=len(PNG) - 1)
@@ -453,7 +453,7 @@ def test_body_over_the_cap_is_refused_while_streaming(server) -> None:
 def test_slow_server_times_out_quickly(server) -> None:
     started = time.monotonic()
     err = refused(f"{server.base}/slow", allow_hosts=["127.0.0.1"], read_timeout_s=0.3)
-    assert (err.status, err.error) == (422, "fetch_timeout")
+    assert (err.status, err.code) == (422, "fetch_timeout")
     assert time.monotonic() - started < 1.5
 
 
@@ -465,7 +465,7 @@ def test_trickling_server_hits_the_total_deadline(server) -> None:
         read_timeout_s=0.5,
         total_timeout_s=0.4,
     )
-    assert (err.status, err.error) == (422, "fetch_timeout")
+    assert (err.status, err.code) == (422, "fetch_timeout")
     assert time.monotonic() - started < 1.5
 
 
@@ -480,8 +480,8 @@ def test_trickling_server_hits_the_total_deadline(server) -> None:
 )
 def test_upstream_answers_that_are_not_images(server, path, status, error, words) -> None:
     err = refused(f"{server.base}{path}", allow_hosts=["127.0.0.1"])
-    assert (err.status, err.error) == (status, error)
-    assert words in err.detail
+    assert (err.status, err.code) == (status, error)
+    assert words in err.message
 
 
 def test_connection_refused_is_fetch_failed(connects) -> None:
@@ -489,7 +489,7 @@ def test_connection_refused_is_fetch_failed(connects) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     err = refused(f"http://127.0.0.1:{port}/", allow_hosts=["127.0.0.1"])
-    assert (err.status, err.error) == (422, "fetch_failed")
+    assert (err.status, err.code) == (422, "fetch_failed")
 
 
 # --------------------------------------------------------------------------- pinning
@@ -502,7 +502,7 @@ def test_dns_rebinding_connects_only_to_the_checked_address(sandbox, server, con
     port = server.base.rsplit(":", 1)[1]
     before = len(server.seen)
     err = refused(f"http://rebind.test:{port}/img.png", allow_hosts=["127.0.0.1"])
-    assert (err.status, err.error) == (422, "fetch_failed")  # the test refused the connect
+    assert (err.status, err.code) == (422, "fetch_failed")  # the test refused the connect
     assert sandbox.lookups.count("rebind.test") == 1
     assert connects == [PUBLIC_IP]  # never 127.0.0.1, although the name now says so
     assert len(server.seen) == before
@@ -530,8 +530,8 @@ def test_https_verifies_the_original_host_name(tls_server, connects) -> None:
     assert tls_server.seen[-1] == ("/img.png", f"img.test:{port}")
     # Same server, same IP, another name: the certificate does not match it.
     err = refused(f"https://wrong.test:{port}/img.png", allow_hosts=["127.0.0.1"], ssl_context=ctx)
-    assert (err.status, err.error) == (422, "fetch_failed")
-    assert "hostname mismatch" in err.detail.lower(), err
+    assert (err.status, err.code) == (422, "fetch_failed")
+    assert "hostname mismatch" in err.message.lower(), err
     # And without our CA the default trust store refuses the self-signed certificate.
     err = refused(f"https://img.test:{port}/img.png", allow_hosts=["img.test"])
     assert err.status == 422

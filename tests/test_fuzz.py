@@ -750,7 +750,7 @@ def problems(outcomes: list[Outcome]) -> list[str]:
             if not (
                 o.content_type.startswith("application/json")
                 and isinstance(body, dict)
-                and set(body) == {"error", "detail"}
+                and set(body) == {"error", "detail", "request_id"}
                 and body["detail"]
             ):
                 found.append(f"{where} not the JSON error shape: {o.body[:200]!r}")
@@ -928,13 +928,13 @@ def test_png_chunk_length_bomb_costs_no_memory(sample):
     script = (
         "import resource, sys\n"
         "from serve_app.inputs.decode import decode_image\n"
-        "from serve_app.inputs.errors import InputError\n"
+        "from serve_app.errors import ServiceError\n"
         "data = sys.stdin.buffer.read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
         "    decode_image(data, max_pixels=50_000_000)\n"
         "    print('decoded')\n"
-        "except InputError as err:\n"
+        "except ServiceError as err:\n"
         "    print(err.status)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
     )
@@ -972,4 +972,4 @@ def test_found_5xx_segment(http, sample, segment_ready, query, image, status):
     data = sample if image is None else encode(".png", image)
     r = http.post(SEGMENT_ROUTE, params={"points_per_side": "1", **query}, content=data)
     assert r.status_code == status, r.text
-    assert set(r.json()) == {"error", "detail"}
+    assert set(r.json()) == {"error", "detail", "request_id"}

@@ -32,7 +32,7 @@ def assert_error(r, status: int, code: str | None = None) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     body = r.json()
-    assert set(body) == {"error", "detail"} and body["detail"]
+    assert set(body) == {"error", "detail", "request_id"} and body["detail"]
     if code:
         assert body["error"] == code, body
     return body

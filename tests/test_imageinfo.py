@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError
 from serve_app.inputs.imageinfo import FORMATS, ImageInfo, check_pixels, sniff
 
 W, H = 53, 37  # odd, different sizes: catches swapped or off-by-one fields
@@ -63,15 +63,15 @@ def test_png_bomb_header_reports_its_size_and_is_refused() -> None:
     info = sniff(png_header(60000, 60000))
     assert info == ImageInfo("png", 60000, 60000)
     assert info.pixels == 3_600_000_000
-    with pytest.raises(InputError) as exc:
+    with pytest.raises(ServiceError) as exc:
         check_pixels(info, 50_000_000)
-    assert (exc.value.status, exc.value.error) == (413, "too_many_pixels")
-    assert "60000x60000" in exc.value.detail
+    assert (exc.value.status, exc.value.code) == (413, "too_many_pixels")
+    assert "60000x60000" in exc.value.message
 
 
 def test_check_pixels_boundaries() -> None:
     check_pixels(ImageInfo("png", 5000, 10000), 50_000_000)  # exactly at the limit: fine
-    with pytest.raises(InputError):
+    with pytest.raises(ServiceError):
         check_pixels(ImageInfo("png", 5001, 10000), 50_000_000)
     check_pixels(ImageInfo("jpeg", None, None), 1)  # unknown: left to the decoder
     check_pixels(None, 1)
@@ -168,8 +168,8 @@ def test_hostile_jpeg_of_many_tiny_segments_is_cheap() -> None:
 
 
 def test_input_error_pickles() -> None:
-    err = InputError(413, "too_many_pixels", "60000x60000 is too big")
+    err = ServiceError(413, "too_many_pixels", "60000x60000 is too big")
     back = pickle.loads(pickle.dumps(err))
-    assert type(back) is InputError
-    assert (back.status, back.error, back.detail) == (413, "too_many_pixels", err.detail)
-    assert str(back) == str(err) and back.to_dict() == err.to_dict()
+    assert type(back) is ServiceError
+    assert (back.status, back.code, back.message) == (413, "too_many_pixels", err.message)
+    assert str(back) == str(err) and back.body() == err.body()

@@ -34,7 +34,7 @@ from fastapi.testclient import TestClient
 from serve_app import callbacks, openfaas
 from serve_app.auth import ApiKeyMiddleware
 from serve_app.config import AppSettings, ModelSettings
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError
 from serve_app.inputs.fetch import check_url, post_url
 from serve_app.jobs import Job
 
@@ -246,13 +246,13 @@ def test_invocation_counter_counts_answers_not_refusals():
     @app.post("/function/{name}")
     async def function(name: str, request: Request) -> dict:
         if await request.body() == b"bad":
-            raise InputError(400, "bad", "bad")
+            raise ServiceError(400, "bad", "bad")
         return {}
 
-    @app.exception_handler(InputError)
-    async def _err(_: Request, err: InputError):
+    @app.exception_handler(ServiceError)
+    async def _err(_: Request, err: ServiceError):
         from fastapi.responses import JSONResponse
-        return JSONResponse(err.to_dict(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status)
 
     before = openfaas.INVOCATIONS["face-detect-opencv"]
     auth = {"Authorization": "Bearer k"}
@@ -274,13 +274,13 @@ def test_post_url_keeps_the_fetch_rules(local_receiver):
     url = f"{local_receiver.url}/cb?x=1"
     post = {"headers": {"X-Call-Id": "abc", "Host": "evil.example"}, "connect_timeout_s": 2,
             "read_timeout_s": 2}
-    with pytest.raises(InputError) as err:  # loopback without an allowlist entry
+    with pytest.raises(ServiceError) as err:  # loopback without an allowlist entry
         asyncio.run(post_url(url, b"body", **post))
-    assert err.value.error == "fetch_refused"
-    with pytest.raises(InputError) as err:
+    assert err.value.code == "fetch_refused"
+    with pytest.raises(ServiceError) as err:
         asyncio.run(post_url("http://169.254.169.254/", b"", allow_hosts=["169.254.0.0/16"],
                              **post))
-    assert err.value.error == "fetch_refused"
+    assert err.value.code == "fetch_refused"
     assert local_receiver.calls.empty()
 
     status = asyncio.run(post_url(url, b"body", allow_hosts=["127.0.0.1"], **post))
@@ -298,9 +298,9 @@ def test_check_url_refuses_before_any_connection():
                       ("http://10.1.2.3/", "fetch_refused"),
                       ("http://user:pw@127.0.0.1/", "bad_url"),
                       ("ftp://example.com/", "bad_url")]:
-        with pytest.raises(InputError) as err:
+        with pytest.raises(ServiceError) as err:
             asyncio.run(check_url(url))
-        assert err.value.error == code, url
+        assert err.value.code == code, url
 
 
 def _job(url: str, **fields: Any) -> Job:

@@ -1,7 +1,7 @@
 """What every model deployment shares: options, threads, weights and the `info()` answer.
 
 Deployments know nothing of HTTP: they take bytes and parameters and return plain data,
-raising `InputError` (caller's fault, 4xx) or `ModelUnavailable` (503).
+raising `ServiceError` (4xx for the caller's mistakes, `Unavailable` 503 for missing weights).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import cv2
 import ray
 
 from serve_app.config import cpu_threads, validate_options
-from serve_app.errors import ModelUnavailable
+from serve_app.errors import Unavailable
 from serve_app.models import weights
 from serve_app.registry import MODELS
 
@@ -64,7 +64,7 @@ class ModelDeployment:
         if self.model is None:
             missing = self.missing_weights()
             commands = "; ".join(weights.fetch_command(w, self.model_dir) for w in missing)
-            raise ModelUnavailable(
+            raise Unavailable(
                 "weights_missing",
                 f"{self.name} needs weight file(s) {missing}; fetch them with: {commands}",
             )

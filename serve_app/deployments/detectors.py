@@ -18,8 +18,8 @@ from ray import serve
 
 from serve_app.deployments.base import ModelDeployment
 from serve_app.deployments.params import Param, parse_params
+from serve_app.errors import ServiceError
 from serve_app.inputs.decode import decode_image
-from serve_app.inputs.errors import InputError
 from serve_app.models import weights
 from serve_app.models.types import Detection
 from serve_app.rendering.boxes import draw_boxes
@@ -47,7 +47,7 @@ class DetectorDeployment(ModelDeployment):
         self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
     ) -> dict[str, Any]:
         if output not in OUTPUTS:
-            raise InputError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
+            raise ServiceError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
         p = parse_params(self.PARAMS, params)
         model = self.ready_model()
         # The model runs in a worker thread so the replica's event loop keeps answering
@@ -115,7 +115,7 @@ class PigoDetector(DetectorDeployment):
         from serve_app.models.pico import PicoParams, to_gray_pigo
 
         if params["min_size"] > params["max_size"]:
-            raise InputError(422, "bad_parameter", "min_size must not exceed max_size")
+            raise ServiceError(422, "bad_parameter", "min_size must not exceed max_size")
         gray = to_gray_pigo(image_bgr, channel_order="bgr", variant=self.options.gray)
         return model.detect(gray, PicoParams(**params), threads=self.threads)
 

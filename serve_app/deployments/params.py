@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError
 
 
 @dataclass(frozen=True)
@@ -36,19 +36,19 @@ def _convert(name: str, spec: Param, raw: Any) -> Any:
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise InputError(422, "bad_parameter", f"{name}: expected true or false, got {raw!r}")
+        raise ServiceError(422, "bad_parameter", f"{name}: expected true or false, got {raw!r}")
     if isinstance(raw, bool):
-        raise InputError(422, "bad_parameter", f"{name}: expected a number, got {raw!r}")
+        raise ServiceError(422, "bad_parameter", f"{name}: expected a number, got {raw!r}")
     try:
         value = spec.type(raw) if spec.type is float else int(str(raw).strip())
     except (TypeError, ValueError):
-        raise InputError(
+        raise ServiceError(
             422, "bad_parameter", f"{name}: expected {spec.type.__name__}, got {raw!r}"
         ) from None
     if value != value:  # NaN
-        raise InputError(422, "bad_parameter", f"{name}: NaN is not a value")
+        raise ServiceError(422, "bad_parameter", f"{name}: NaN is not a value")
     if (spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi):
-        raise InputError(
+        raise ServiceError(
             422, "bad_parameter", f"{name}={value} is out of range [{spec.lo}, {spec.hi}]"
         )
     return value
@@ -58,7 +58,7 @@ def parse_params(specs: Mapping[str, Param], raw: Mapping[str, Any]) -> dict[str
     """Validated values for every spec: the caller's where given, else the default."""
     unknown = sorted(set(raw) - set(specs))
     if unknown:
-        raise InputError(
+        raise ServiceError(
             422,
             "unknown_parameter",
             f"unknown parameter(s) {unknown}; this model takes {sorted(specs)}",

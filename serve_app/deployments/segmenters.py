@@ -20,8 +20,8 @@ from ray import serve
 
 from serve_app.deployments.base import ModelDeployment
 from serve_app.deployments.params import Param, parse_params
+from serve_app.errors import ServiceError
 from serve_app.inputs.decode import decode_image
-from serve_app.inputs.errors import InputError
 from serve_app.models import weights
 from serve_app.rendering.encode import MEDIA_TYPES, encode_image
 
@@ -106,7 +106,7 @@ class SamSegmenter(ModelDeployment):
 
     def _prepare(self, params: dict[str, Any], output: str) -> tuple[dict[str, Any], Any]:
         if output not in OUTPUTS:
-            raise InputError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
+            raise ServiceError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
         return parse_params(self.PARAMS, params), self.ready_model()
 
     def _generate(self, model, data, p, output, filename, progress) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def decode_sam_image(data: bytes, max_pixels: int) -> np.ndarray:
     image = decode_image(data, max_pixels=max_pixels)
     h, w = image.shape[:2]
     if round(1024 * min(h, w) / max(h, w)) < 1:
-        raise InputError(
+        raise ServiceError(
             422, "bad_image", f"a {w}x{h} image is too thin for SAM (aspect ratio over 2048:1)"
         )
     return image
@@ -219,9 +219,9 @@ def _as_list(name: str, value: Any) -> list | None:
         try:
             value = json.loads(value)
         except (ValueError, RecursionError):  # incl. JSONDecodeError and over-long integers
-            raise InputError(422, "bad_prompt", f"{name} must be a JSON list") from None
+            raise ServiceError(422, "bad_prompt", f"{name} must be a JSON list") from None
     if not isinstance(value, list):
-        raise InputError(422, "bad_prompt", f"{name} must be a list")
+        raise ServiceError(422, "bad_prompt", f"{name} must be a list")
     return value
 
 
@@ -229,9 +229,9 @@ def _numbers(name: str, rows: list, width: int) -> np.ndarray:
     try:
         arr = np.asarray(rows, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):
-        raise InputError(422, "bad_prompt", f"{name} must hold numbers") from None
+        raise ServiceError(422, "bad_prompt", f"{name} must hold numbers") from None
     if arr.ndim != 2 or arr.shape[1] != width or not np.isfinite(arr).all():
-        raise InputError(422, "bad_prompt", f"{name} must be a list of {width}-number lists")
+        raise ServiceError(422, "bad_prompt", f"{name} must be a list of {width}-number lists")
     return arr
 
 
@@ -243,28 +243,28 @@ def parse_prompts(points, labels, boxes, multimask, max_prompts: int) -> dict[st
         _as_list("boxes", boxes),
     )
     if not points and not boxes:
-        raise InputError(422, "bad_prompt", "give `points` and/or `boxes`")
+        raise ServiceError(422, "bad_prompt", "give `points` and/or `boxes`")
     out: dict[str, Any] = {"points": None, "labels": None, "boxes": None}
     if points:
         pts = _numbers("points", points, 2)
         try:
             lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels)
         except (TypeError, ValueError):  # ragged or mixed lists
-            raise InputError(422, "bad_prompt", "labels must be one 0/1 per point") from None
+            raise ServiceError(422, "bad_prompt", "labels must be one 0/1 per point") from None
         if lab.shape != (len(pts),) or not np.isin(lab, (0, 1)).all():
-            raise InputError(422, "bad_prompt", "labels must be one 0/1 per point")
+            raise ServiceError(422, "bad_prompt", "labels must be one 0/1 per point")
         out["points"], out["labels"] = pts, lab.astype(np.int64)
     if boxes:
         bx = _numbers("boxes", boxes, 4)
         if ((bx[:, 2] <= bx[:, 0]) | (bx[:, 3] <= bx[:, 1])).any():
-            raise InputError(422, "bad_prompt", "boxes are [x0, y0, x1, y1] with x1>x0, y1>y0")
+            raise ServiceError(422, "bad_prompt", "boxes are [x0, y0, x1, y1] with x1>x0, y1>y0")
         out["boxes"] = bx
     count = max(
         len(out["points"]) if out["points"] is not None else 0,
         len(out["boxes"]) if out["boxes"] is not None else 0,
     )
     if count > max_prompts:
-        raise InputError(422, "bad_prompt", f"at most {max_prompts} points or boxes")
+        raise ServiceError(422, "bad_prompt", f"at most {max_prompts} points or boxes")
     out["multimask"] = str(multimask).lower() in ("1", "true", "yes") if multimask else False
     return out
 
@@ -276,7 +276,7 @@ def check_prompts_inside(prompts: dict[str, Any], width: int, height: int) -> No
             continue
         xs, ys = arr[:, 0::2], arr[:, 1::2]
         if (xs < 0).any() or (ys < 0).any() or (xs > width).any() or (ys > height).any():
-            raise InputError(
+            raise ServiceError(
                 422, "bad_prompt", f"{name} must lie inside the {width}x{height} image"
             )
 

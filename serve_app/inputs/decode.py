@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError
 from serve_app.inputs.imageinfo import check_pixels, sniff
 
 DECODABLE = {"jpeg", "png", "webp", "bmp", "tiff"}
@@ -14,11 +14,11 @@ DECODABLE = {"jpeg", "png", "webp", "bmp", "tiff"}
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     """Decode to a 3-channel BGR uint8 array; the pixel limit is checked from the header first."""
     if not data:
-        raise InputError(400, "empty_body", "no image: the request body is empty")
+        raise ServiceError(400, "empty_body", "no image: the request body is empty")
     info = sniff(data)
     if info is None or info.format not in DECODABLE:
         kind = "an unsupported image type" if info else "not an image"
-        raise InputError(
+        raise ServiceError(
             415,
             "unsupported_media_type",
             f"{kind}; send JPEG, PNG, WebP, BMP or TIFF bytes, or an image URL",
@@ -28,9 +28,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         check_png_chunks(data)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise InputError(422, "bad_image", f"the {info.format} data could not be decoded")
+        raise ServiceError(422, "bad_image", f"the {info.format} data could not be decoded")
     if image.shape[0] * image.shape[1] > max_pixels:  # header lied about its size
-        raise InputError(413, "too_many_pixels", f"image has more than {max_pixels} pixels")
+        raise ServiceError(413, "too_many_pixels", f"image has more than {max_pixels} pixels")
     return image
 
 
@@ -48,14 +48,14 @@ def check_png_chunks(data: bytes) -> None:
     offset, end = PNG_SIGNATURE_LEN, len(data)
     for _ in range(MAX_PNG_CHUNKS):
         if offset + 8 > end:
-            raise InputError(422, "bad_image", "truncated PNG: missing IEND chunk")
+            raise ServiceError(422, "bad_image", "truncated PNG: missing IEND chunk")
         length = int.from_bytes(view[offset : offset + 4], "big")
         kind = bytes(view[offset + 4 : offset + 8])
         if length > 2**31 - 1 or offset + 12 + length > end:
-            raise InputError(
+            raise ServiceError(
                 422, "bad_image", f"truncated PNG: chunk {kind!r} declares {length} bytes"
             )
         if kind == b"IEND":
             return
         offset += 12 + length
-    raise InputError(422, "bad_image", "PNG with too many chunks")
+    raise ServiceError(422, "bad_image", "PNG with too many chunks")

@@ -41,7 +41,8 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
-from .errors import InputError
+from serve_app.errors import ServiceError
+
 from .imageinfo import SNIFF_PREFIX_BYTES, sniff
 
 _T = TypeVar("_T")
@@ -125,7 +126,7 @@ async def fetch_url(
     timeout cannot hold a request forever; by default ``4 * (connect + read)``.
     ``ssl_context`` replaces the default CA bundle (private CAs, tests).
 
-    Raises ``InputError``: 400 bad_url / fetch_refused, 413 too_large, 415 not_an_image,
+    Raises ``ServiceError``: 400 bad_url / fetch_refused, 413 too_large, 415 not_an_image,
     422 fetch_failed / fetch_timeout. A malformed ``allow_hosts`` entry is a configuration
     error and raises ``ValueError``.
     """
@@ -147,7 +148,7 @@ async def fetch_url(
         async with asyncio.timeout(total_timeout_s):
             return await _fetch_following_redirects(url, allow, max_redirects, settings)
     except TimeoutError:
-        raise InputError(
+        raise ServiceError(
             422, "fetch_timeout", f"gave up fetching {_show(url)} after {total_timeout_s:g} s"
         ) from None
 
@@ -161,7 +162,7 @@ async def check_url(
     The answer holds for the addresses the name has now; the later request resolves and
     checks again, so a name re-pointed at a private address meanwhile is still refused.
 
-    Raises ``InputError``: 400 bad_url / fetch_refused, 422 fetch_failed / fetch_timeout.
+    Raises ``ServiceError``: 400 bad_url / fetch_refused, 422 fetch_failed / fetch_timeout.
     """
     allow = compile_allow_hosts(tuple(allow_hosts))
     settings = _Settings(
@@ -190,7 +191,7 @@ async def post_url(
     override Host (it names the checked endpoint). ``total_timeout_s`` bounds the whole call,
     by default ``connect + 2 * read`` (send, then answer).
 
-    Raises ``InputError``: 400 bad_url / fetch_refused, 422 fetch_failed / fetch_timeout.
+    Raises ``ServiceError``: 400 bad_url / fetch_refused, 422 fetch_failed / fetch_timeout.
     """
     allow = compile_allow_hosts(tuple(allow_hosts))
     if total_timeout_s is None:
@@ -212,7 +213,7 @@ async def post_url(
             endpoint = await _resolve_and_check(target, allow, settings)
             return await _post(target, endpoint, body, headers, settings)
     except TimeoutError:
-        raise InputError(
+        raise ServiceError(
             422, "fetch_timeout", f"gave up posting to {_show(url)} after {total_timeout_s:g} s"
         ) from None
 
@@ -340,43 +341,43 @@ async def _fetch_following_redirects(
             target = _parse_url(current)
             endpoint = await _resolve_and_check(target, allow, settings)
             location, body = await _get(target, endpoint, settings)
-        except InputError as exc:
+        except ServiceError as exc:
             if hop == 0:
                 raise
-            raise InputError(
-                exc.status, exc.error, f"{exc.detail} (after a redirect to {_show(current)})"
+            raise ServiceError(
+                exc.status, exc.code, f"{exc.message} (after a redirect to {_show(current)})"
             ) from None
         if body is not None:
             return body
         current = urljoin(current, location)
-    raise InputError(400, "fetch_refused", f"refused: more than {max_redirects} redirects")
+    raise ServiceError(400, "fetch_refused", f"refused: more than {max_redirects} redirects")
 
 
 def _parse_url(url: str) -> _Target:
     if not isinstance(url, str) or not url:
-        raise InputError(400, "bad_url", "empty URL")
+        raise ServiceError(400, "bad_url", "empty URL")
     if len(url) > _MAX_URL_CHARS:
-        raise InputError(400, "bad_url", f"URL longer than {_MAX_URL_CHARS} characters")
+        raise ServiceError(400, "bad_url", f"URL longer than {_MAX_URL_CHARS} characters")
     if _AMBIGUOUS_CHARS.search(url):
-        raise InputError(
+        raise ServiceError(
             400, "bad_url", "URL contains whitespace, control characters or backslashes"
         )
     try:
         parts = urlsplit(url)
     except ValueError as exc:
-        raise InputError(400, "bad_url", f"unparseable URL: {exc}") from None
+        raise ServiceError(400, "bad_url", f"unparseable URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
-        raise InputError(
+        raise ServiceError(
             400, "bad_url", f"unsupported URL scheme {scheme or '(none)'!r}: use http or https"
         )
     netloc = parts.netloc
     if not netloc:
-        raise InputError(400, "bad_url", "URL has no host")
+        raise ServiceError(400, "bad_url", "URL has no host")
     if "@" in netloc:
-        raise InputError(400, "bad_url", "URLs with credentials (user@host) are not accepted")
+        raise ServiceError(400, "bad_url", "URLs with credentials (user@host) are not accepted")
     if "%" in netloc:
-        raise InputError(400, "bad_url", "percent-encoded or zoned hosts are not accepted")
+        raise ServiceError(400, "bad_url", "percent-encoded or zoned hosts are not accepted")
 
     if netloc.startswith("["):
         m = _NETLOC_IPV6.fullmatch(netloc)
@@ -390,10 +391,10 @@ def _parse_url(url: str) -> _Target:
         if host and not _HOST_NAME.fullmatch(host):
             host = ""
     if not m or not host:
-        raise InputError(400, "bad_url", f"invalid host in URL: {_show(netloc)}")
+        raise ServiceError(400, "bad_url", f"invalid host in URL: {_show(netloc)}")
     port = int(m.group(2)) if m.group(2) else _DEFAULT_PORTS[scheme]
     if not 0 < port < 65536:
-        raise InputError(400, "bad_url", f"invalid port {port}")
+        raise ServiceError(400, "bad_url", f"invalid port {port}")
     return _Target(scheme, host, port, parts.path or "/", parts.query)
 
 
@@ -413,7 +414,7 @@ async def _resolve_and_check(target: _Target, allow: AllowList, settings: _Setti
     really denotes (``2130706433`` -> ``127.0.0.1``), which is what a server would expect.
     """
     if target.name in _METADATA_NAMES:
-        raise InputError(400, "fetch_refused", f"refused: {target.name} is a cloud metadata name")
+        raise ServiceError(400, "fetch_refused", f"refused: {target.name} is a cloud metadata name")
     loop = asyncio.get_running_loop()
     numeric = True
     try:
@@ -429,9 +430,9 @@ async def _resolve_and_check(target: _Target, allow: AllowList, settings: _Setti
                 settings.resolve_timeout_s,
             )
         except TimeoutError:
-            raise InputError(422, "fetch_timeout", f"timed out resolving {target.name}") from None
+            raise ServiceError(422, "fetch_timeout", f"timed out resolving {target.name}") from None
         except (OSError, UnicodeError) as exc:
-            raise InputError(
+            raise ServiceError(
                 422, "fetch_failed", f"could not resolve {target.name}: {exc}"
             ) from None
 
@@ -449,7 +450,7 @@ async def _resolve_and_check(target: _Target, allow: AllowList, settings: _Setti
         if ip not in addresses:
             addresses.append(ip)
     if not addresses:
-        raise InputError(422, "fetch_failed", f"{target.name} has no IP addresses")
+        raise ServiceError(422, "fetch_failed", f"{target.name} has no IP addresses")
 
     server_name = str(addresses[0]) if numeric else target.name
     authority = f"[{server_name}]" if numeric and addresses[0].version == 6 else server_name
@@ -480,7 +481,7 @@ def _refuse_unless_acceptable(
         subject = f"{what} is"
     else:
         subject = f"{target.host} is {what},"  # e.g. "2130706433 is 127.0.0.1,"
-    raise InputError(400, "fetch_refused", f"refused: {subject} {problem}")
+    raise ServiceError(400, "fetch_refused", f"refused: {subject} {problem}")
 
 
 async def _get(
@@ -508,12 +509,12 @@ async def _on_checked_addresses(
             last_error = exc
         except httpx.TimeoutException as exc:
             what = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else phase
-            raise InputError(422, "fetch_timeout", f"timed out {what} {target.name}") from None
+            raise ServiceError(422, "fetch_timeout", f"timed out {what} {target.name}") from None
         except httpx.HTTPError as exc:
-            raise InputError(
+            raise ServiceError(
                 422, "fetch_failed", f"error talking to {target.name}: {_describe(exc)}"
             ) from None
-    raise InputError(
+    raise ServiceError(
         422, "fetch_failed", f"could not connect to {target.name}: {_describe(last_error)}"
     )
 
@@ -530,7 +531,7 @@ async def _get_from(
             scheme=target.scheme, host=str(ip), port=target.port, raw_path=raw_path.encode()
         )
     except httpx.InvalidURL as exc:
-        raise InputError(400, "bad_url", f"invalid URL: {exc}") from None
+        raise ServiceError(400, "bad_url", f"invalid URL: {exc}") from None
     headers = {
         "Host": endpoint.authority,
         "User-Agent": _USER_AGENT,
@@ -556,23 +557,25 @@ async def _get_from(
         if status in _REDIRECT_STATUSES:
             location = response.headers.get("location")
             if not location:
-                raise InputError(
+                raise ServiceError(
                     422, "fetch_failed", f"{target.name} answered {status} without a Location"
                 )
             return location, None
         if not 200 <= status < 300:
             reason = f"HTTP {status} {response.reason_phrase}".strip()
-            raise InputError(422, "fetch_failed", f"{target.name} answered {reason}")
+            raise ServiceError(422, "fetch_failed", f"{target.name} answered {reason}")
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            raise InputError(422, "fetch_failed", f"{target.name} sent a {encoding!r}-encoded body")
+            raise ServiceError(
+                422, "fetch_failed", f"{target.name} sent a {encoding!r}-encoded body"
+            )
         return None, await _read_capped(response, settings.max_bytes)
 
 
 async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise InputError(
+        raise ServiceError(
             413, "too_large", f"the image is {declared} bytes; the limit is {max_bytes}"
         )
     body = bytearray()
@@ -580,7 +583,7 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     async for chunk in response.aiter_raw():
         body += chunk
         if len(body) > max_bytes:
-            raise InputError(413, "too_large", f"the image is over the {max_bytes} byte limit")
+            raise ServiceError(413, "too_large", f"the image is over the {max_bytes} byte limit")
         # Refuse an obvious non-image after its first bytes instead of downloading all of it.
         if not prefix_checked and len(body) >= SNIFF_PREFIX_BYTES:
             prefix_checked = True
@@ -593,7 +596,7 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
 def _refuse_non_image(data: bytes, response: httpx.Response) -> None:
     if sniff(data) is None:
         ctype = response.headers.get("content-type", "no Content-Type")
-        raise InputError(
+        raise ServiceError(
             415,
             "not_an_image",
             f"the URL did not return a JPEG, PNG, WebP, BMP, GIF or TIFF image ({ctype})",
@@ -634,7 +637,7 @@ async def _post_to(
             scheme=target.scheme, host=str(ip), port=target.port, raw_path=raw_path.encode()
         )
     except httpx.InvalidURL as exc:
-        raise InputError(400, "bad_url", f"invalid URL: {exc}") from None
+        raise ServiceError(400, "bad_url", f"invalid URL: {exc}") from None
     sent = {k: v for k, v in headers.items() if k.lower() != "host"}
     sent.setdefault("User-Agent", _POST_USER_AGENT)
     sent["Host"] = endpoint.authority

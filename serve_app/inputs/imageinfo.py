@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .errors import InputError
+from serve_app.errors import ServiceError
 
 FORMATS = frozenset({"jpeg", "png", "webp", "bmp", "gif", "tiff"})
 
@@ -79,7 +79,7 @@ def check_pixels(info: ImageInfo | None, max_pixels: int) -> None:
         return
     pixels = info.width * info.height
     if pixels > max_pixels:
-        raise InputError(
+        raise ServiceError(
             413,
             "too_many_pixels",
             f"{info.format} image is {info.width}x{info.height} "

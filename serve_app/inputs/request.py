@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from serve_app.inputs.errors import InputError
+from serve_app.errors import ServiceError
 
 # Query keys that steer the answer rather than the model.
 RESERVED_QUERY = {"format"}
@@ -45,14 +45,14 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         try:
             too_big = int(declared) > max_bytes
         except ValueError:
-            raise InputError(400, "bad_request", "Content-Length is not a number") from None
+            raise ServiceError(400, "bad_request", "Content-Length is not a number") from None
         if too_big:
-            raise InputError(413, "too_large", f"request body over {max_bytes} bytes")
+            raise ServiceError(413, "too_large", f"request body over {max_bytes} bytes")
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > max_bytes:
-            raise InputError(413, "too_large", f"request body over {max_bytes} bytes")
+            raise ServiceError(413, "too_large", f"request body over {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -71,13 +71,13 @@ def looks_like_url(body: bytes) -> str | None:
 
 def decode_base64(text: Any) -> bytes:
     if not isinstance(text, str) or not text:
-        raise InputError(400, "bad_base64", "image_base64 must be a non-empty string")
+        raise ServiceError(400, "bad_base64", "image_base64 must be a non-empty string")
     if text.startswith("data:"):  # data:image/png;base64,....
         _, _, text = text.partition(",")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InputError(400, "bad_base64", "image_base64 is not valid base64") from None
+        raise ServiceError(400, "bad_base64", "image_base64 is not valid base64") from None
 
 
 async def _replay(body: bytes) -> AsyncIterator[bytes]:
@@ -93,7 +93,7 @@ async def _from_multipart(
     try:
         form = await parser.parse()
     except MultiPartException as err:
-        raise InputError(400, "bad_multipart", f"malformed multipart body: {err}") from None
+        raise ServiceError(400, "bad_multipart", f"malformed multipart body: {err}") from None
     params: dict[str, Any] = {}
     upload: UploadFile | None = None
     for key, value in form.multi_items():
@@ -106,7 +106,7 @@ async def _from_multipart(
     if upload is None and url:
         return ImageRequest(await fetch(url), "url", url=url, params=params)
     if upload is None:
-        raise InputError(
+        raise ServiceError(
             400, "no_file", f"multipart body has no file field (expected one of {FILE_FIELDS})"
         )
     data = await upload.read()
@@ -120,18 +120,18 @@ async def _from_json(body: bytes, fetch: Fetcher) -> ImageRequest:
         # (a filename, a URL in an error detail) could encode.
         json.dumps(doc, ensure_ascii=False).encode()
     except RecursionError:
-        raise InputError(400, "bad_json", "invalid JSON: nested too deeply") from None
+        raise ServiceError(400, "bad_json", "invalid JSON: nested too deeply") from None
     except ValueError as err:  # JSONDecodeError, UnicodeError, over-long integers
-        raise InputError(400, "bad_json", f"invalid JSON: {str(err)[:200]}") from None
+        raise ServiceError(400, "bad_json", f"invalid JSON: {str(err)[:200]}") from None
     if not isinstance(doc, dict):
-        raise InputError(400, "bad_json", "the JSON body must be an object")
+        raise ServiceError(400, "bad_json", "the JSON body must be an object")
     url, b64 = doc.pop("url", None), doc.pop("image_base64", None)
     filename = doc.pop("filename", None)
     if (url is None) == (b64 is None):
-        raise InputError(400, "no_image", "give exactly one of `url` or `image_base64`")
+        raise ServiceError(400, "no_image", "give exactly one of `url` or `image_base64`")
     if url is not None:
         if not isinstance(url, str):
-            raise InputError(400, "bad_url", "`url` must be a string")
+            raise ServiceError(400, "bad_url", "`url` must be a string")
         return ImageRequest(await fetch(url), "url", url=url, params=doc)
     return ImageRequest(decode_base64(b64), "base64", filename=filename, params=doc)
 
@@ -146,7 +146,7 @@ async def parse_image_request(request: Request, *, max_bytes: int, fetch: Fetche
     elif (url := looks_like_url(body)) is not None:
         image = ImageRequest(await fetch(url), "url", url=url)
     elif not body:
-        raise InputError(
+        raise ServiceError(
             400,
             "empty_body",
             "no image: send image bytes, a multipart upload, JSON or an image URL",
