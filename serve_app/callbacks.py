@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
 from serve_app.config import AppSettings
 from serve_app.errors import ServiceError
 from serve_app.inputs.fetch import post_url
+from serve_app.job import Job
 from serve_app.responses import answer
-
-if TYPE_CHECKING:
-    from serve_app.jobs import Job
 
 log = logging.getLogger("ray.serve")
 
@@ -35,7 +33,7 @@ RETRY_STATUSES = frozenset({408, 425, 429})
 def error_status(error: dict[str, Any]) -> int:
     if error.get("status"):
         return int(error["status"])
-    # The jobs table records a timeout without a status; the sync route answers it with 504.
+    # A record without a status (an older job table): the sync route answers a timeout 504.
     return 504 if error.get("error") == "timeout" else 500
 
 
@@ -45,6 +43,8 @@ def callback_response(job: Job) -> tuple[int, Response]:
         return 200, answer(job.result, job.output)
     error = job.error or {"error": "internal", "detail": "the job ended without a result"}
     body = {"error": str(error.get("error", "failed")), "detail": str(error.get("detail", ""))}
+    if error.get("request_id"):
+        body["request_id"] = str(error["request_id"])
     return error_status(error), JSONResponse(body)
 
 

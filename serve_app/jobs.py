@@ -12,50 +12,19 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.callbacks import post_callback
+from serve_app.calls import call_model
 from serve_app.config import AppSettings
-from serve_app.errors import ServiceError, Unavailable
+from serve_app.errors import ServiceError, Unavailable, request_id
+from serve_app.job import Job
 from serve_app.registry import MODELS
 
 log = logging.getLogger("ray.serve")
-
-
-@dataclass
-class Job:
-    id: str
-    model: str
-    output: str
-    created: float = field(default_factory=time.time)
-    status: str = "queued"  # queued | running | done | failed
-    progress: float = 0.0
-    stage: str = "queued"
-    started: float | None = None
-    finished: float | None = None
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    callback_url: str | None = None
-    callback_status: str | None = None
-
-    def view(self) -> dict[str, Any]:
-        end = self.finished or time.time()
-        return {
-            "id": self.id,
-            "model": self.model,
-            "status": self.status,
-            "progress": round(self.progress, 4),
-            "stage": self.stage,
-            "created_at": self.created,
-            "duration_s": round(end - self.started, 3) if self.started else None,
-            "error": self.error,
-            "callback": self.callback_status,
-            "status_url": f"/v1/jobs/{self.id}",
-            "result_url": f"/v1/jobs/{self.id}/result",
-        }
 
 
 @serve.deployment
@@ -90,7 +59,13 @@ class JobManager:
                 "too_many_jobs",
                 f"{active} jobs are queued or running (jobs.max_jobs); retry later",
             )
-        job = Job(job_id or uuid.uuid4().hex, model, output, callback_url=callback_url)
+        job = Job(
+            job_id or uuid.uuid4().hex,
+            model,
+            output,
+            callback_url=callback_url,
+            request_id=request_id(),
+        )
         self.jobs[job.id] = job
         task = asyncio.create_task(self._run(job, data, params, filename))
         self._tasks.add(task)
@@ -104,46 +79,37 @@ class JobManager:
         handle = self.models[job.model]
         timeout = self.settings.models[job.model].timeout_s
         try:
-            async with asyncio.timeout(timeout):
-                if MODELS[job.model].kind == "segmenter":
-                    stream = handle.options(stream=True).generate_stream.remote(
+            if MODELS[job.model].kind == "segmenter":
+                result = await call_model(
+                    job.model,
+                    timeout,
+                    lambda: handle.options(stream=True).generate_stream.remote(
                         data, params, job.output, filename
-                    )
-                    async for event in stream:
-                        if "result" in event:
-                            job.result = event["result"]
-                        else:
-                            job.progress = float(event.get("progress", job.progress))
-                            job.stage = str(event.get("stage", job.stage))
-                else:
-                    job.result = await handle.detect.remote(data, params, job.output, filename)
-            if job.result is None:
+                    ),
+                    lambda stream: _follow(job, stream),
+                )
+            else:
+                result = await call_model(
+                    job.model,
+                    timeout,
+                    lambda: handle.detect.remote(data, params, job.output, filename),
+                )
+            if result is None:
                 raise RuntimeError("the model finished without a result")
+            job.result = result
             job.status, job.progress, job.stage = "done", 1.0, "done"
-        except TimeoutError:
-            job.status = "failed"
-            job.error = {"error": "timeout", "detail": f"not done within {timeout} s"}
         except ServiceError as err:
-            job.status = "failed"
-            job.error = {"error": err.code, "detail": err.message, "status": err.status}
+            job.fail(err)
         except Exception:  # a crashed replica must not take the job table with it
             # Its text (Ray's names pids, node addresses, paths) stays in this log.
-            log.exception("job %s failed", job.id)
-            job.status = "failed"
-            job.error = {
-                "error": "internal",
-                "detail": f"the job failed; see the jobs replica log for job {job.id}",
-                "status": 500,
-            }
+            log.exception("job %s (request %s) failed", job.id, job.request_id)
+            job.fail(
+                ServiceError(500, "internal", f"the job failed; see the logs for job {job.id}")
+            )
         finally:
             job.finished = time.time()
         if job.callback_url:
-            await self._callback(job)
-
-    async def _callback(self, job: Job) -> None:
-        from serve_app.callbacks import post_callback
-
-        job.callback_status = await post_callback(job, self.settings)
+            job.callback_status = await post_callback(job, self.settings)
 
     async def status(self, job_id: str) -> dict[str, Any]:
         return self._get(job_id).view()
@@ -151,12 +117,7 @@ class JobManager:
     async def result(self, job_id: str) -> dict[str, Any]:
         job = self._get(job_id)
         if job.status == "failed":
-            err = job.error or {}
-            raise ServiceError(
-                int(err.get("status", 500)),
-                err.get("error", "failed"),
-                err.get("detail", "job failed"),
-            )
+            raise job.failure()
         if job.status != "done":
             raise ServiceError(
                 409,
@@ -178,3 +139,15 @@ class JobManager:
                 f"no job {job_id!r} (finished jobs are kept {self.settings.jobs.ttl_s:.0f} s)",
             )
         return job
+
+
+async def _follow(job: Job, stream: Any) -> dict[str, Any] | None:
+    """A segmenter's event stream: progress into the job, then the result."""
+    result = None
+    async for event in stream:
+        if "result" in event:
+            result = event["result"]
+        else:
+            job.progress = float(event.get("progress", job.progress))
+            job.stage = str(event.get("stage", job.stage))
+    return result

@@ -263,6 +263,7 @@ class OpenFaaSRoutes:
     models: dict[str, DeploymentHandle]
     jobs: DeploymentHandle
     _handle: Callable[..., DeploymentHandle]
+    _require_ready: Callable[[str], Awaitable[None]]
     _fetch: Callable[[str], Awaitable[bytes]]
 
     def _openfaas_state(self) -> CachedState:
@@ -326,6 +327,7 @@ class OpenFaaSRoutes:
         callback_url = request.headers.get("x-callback-url") or None
         if callback_url is not None:
             await self._openfaas_check_callback(callback_url)
+        await self._require_ready(model)
         output = request.query_params.get("format", MODELS[model].default_output)
         image = await parse_image_request(
             request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch

@@ -13,14 +13,13 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import api
 from serve_app.auth import configure_auth
+from serve_app.calls import call_model
 from serve_app.config import AppSettings
-from serve_app.errors import RETRY_SOON_S, ServiceError, Unavailable
+from serve_app.errors import ServiceError, Unavailable
 from serve_app.inputs.fetch import fetch_url
 from serve_app.inputs.request import parse_image_request
 from serve_app.openfaas import OpenFaaSRoutes
@@ -78,41 +77,10 @@ class Router(OpenFaaSRoutes):
         )
 
     async def _call(self, name: str, method: str, *args: Any) -> Any:
-        """Call a model within its timeout; retry once if its replica died mid-call.
-
-        Model calls have no side effects, so the retry is safe; Serve routes it to a live
-        replica (or waits for the replacement) within the same deadline.
-        """
+        """Call a model under the shared call policy (timeout, overload, one retry)."""
         handle = getattr(self._handle(name), method)
         timeout = self.settings.models[name].timeout_s
-        deadline = asyncio.get_running_loop().time() + timeout
-        for attempt in (1, 2):
-            response = handle.remote(*args)
-            left = deadline - asyncio.get_running_loop().time()
-            try:
-                return await asyncio.wait_for(response, max(left, 0.001))
-            except TimeoutError:
-                response.cancel()
-                raise ServiceError(
-                    504,
-                    "timeout",
-                    f"{name} did not answer within {timeout} s (args.models.{name}.timeout_s)",
-                ) from None
-            except BackPressureError:
-                # Raised here rather than left to api.py: Serve installs its own handler for
-                # this exception on the ingress app, which answers plain text.
-                raise Unavailable(
-                    "overloaded", f"{name}'s queue is full; retry shortly", RETRY_SOON_S
-                ) from None
-            except (ActorDiedError, ActorUnavailableError) as err:
-                if attempt == 2:
-                    log.warning("%s: replica died again during %s: %r", name, method, err)
-                    raise Unavailable(
-                        "replica_died",
-                        f"{name}'s replica stopped during the call; retry shortly",
-                        RETRY_SOON_S,
-                    ) from None
-                log.warning("%s: replica died during %s; retrying once", name, method)
+        return await call_model(name, timeout, lambda: handle.remote(*args))
 
     # -- routes ------------------------------------------------------------------------
     @api.get("/healthz")

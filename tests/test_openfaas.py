@@ -36,7 +36,7 @@ from serve_app.auth import ApiKeyMiddleware
 from serve_app.config import AppSettings, ModelSettings
 from serve_app.errors import ServiceError
 from serve_app.inputs.fetch import check_url, post_url
-from serve_app.jobs import Job
+from serve_app.job import Job
 
 NAMESPACE = "openfaas-fn"
 FUNCTION_KEYS = {"name", "image", "invocationCount", "replicas", "availableReplicas",
@@ -559,6 +559,16 @@ def test_async_unknown_function(cli, sample, receiver):
     r = cli.invoke("no-such-function", sample, is_async=True,
                    headers=[("X-Callback-Url", f"{receiver.url}/x")])
     assert r.status == 404 and r.json()["error"] == "unknown_model"
+
+
+def test_async_refuses_a_model_without_weights_at_once(cli, sample, receiver):
+    """As /v1/jobs does: 503 now, not a 202 followed by a failed callback."""
+    r = cli.invoke("sam-vit-h", sample, is_async=True,
+                   headers=[("X-Callback-Url", f"{receiver.url}/x")])
+    assert r.status == 503 and r.json()["error"] == "weights_missing", r.body
+    assert "x-call-id" not in r.headers and r.headers.get("retry-after")
+    time.sleep(0.5)
+    assert receiver.calls.empty()
 
 
 def test_async_segmentation_calls_back_with_the_overlay(cli, service, sample, receiver):
