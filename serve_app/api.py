@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.auth import ApiKeyMiddleware
 from serve_app.errors import ServiceError, request_id
+from serve_app.openfaas import InvocationCounter
 
 log = logging.getLogger("ray.serve")
 
@@ -27,7 +28,10 @@ api = FastAPI(
     description="Face detection and Segment Anything as HTTP functions (Ray Serve).",
 )
 # Here, not in router.py: serve.ingress freezes a copy of the app when it decorates Router.
+# The last added is the outermost: the invocation counter also sees what the API key
+# refused (and leaves that uncounted).
 api.add_middleware(ApiKeyMiddleware)
+api.add_middleware(InvocationCounter)
 
 
 def error_response(request: Request, err: ServiceError) -> JSONResponse:

@@ -1,53 +1,42 @@
 """The OpenFaaS gateway API, so that faas-cli and existing curl scripts work unchanged.
 
 `faas-cli list/describe/version` read `/system/*`; `faas-cli invoke [--async]` posts to
-`/function/NAME.NAMESPACE` (the router's route) or `/async-function/NAME.NAMESPACE` (here,
-run as a job with an optional `X-Callback-Url`). The client is written in Go and parses
-strictly: integers stay integers, `createdAt` is RFC 3339 or absent, and every key of
-`/system/info` must be there.
+`/function/NAME.NAMESPACE` or `/async-function/NAME.NAMESPACE` (run as a job with an
+optional `X-Callback-Url`). The client is written in Go and parses strictly: integers stay
+integers, `createdAt` is RFC 3339 or absent, and every key of `/system/info` must be there.
 
-The routes are methods of a mixin that `Router` inherits: Serve's ingress collects routes
-through the class's MRO, so they run in the router replica with its settings and handles.
-Invocations are counted by an ASGI middleware (the sync route is the router's own), in the
-router replica's memory: with several router replicas each one counts what it served.
+The routes are declared in `serve_app.router`; this module holds what they delegate to,
+as plain functions. Invocations are counted by an ASGI middleware (registered in
+`serve_app.api`), in the router replica's memory: with several router replicas each one
+counts what it served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import json
 import logging
 import os
 import platform
 import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import ray
-from fastapi import Depends, Request
-from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.api import api
-from serve_app.config import AppSettings, Limits, ModelSettings
+from serve_app.config import AppSettings, ModelSettings
 from serve_app.errors import ServiceError, Unavailable
 from serve_app.inputs.fetch import check_url
-from serve_app.inputs.request import parse_image_request
 from serve_app.registry import MODELS
 
-if TYPE_CHECKING:
-    from ray.serve.handle import DeploymentHandle
-
 log = logging.getLogger("ray.serve")
-F = TypeVar("F", bound=Callable[..., Any])
 
 NAMESPACE = "openfaas-fn"  # the namespace faas-cli appends when none is given
 PROVIDER = "visionserve"
@@ -125,11 +114,6 @@ class InvocationCounter:
             return None
         model, _ = split_function_name(match.group(1))
         return model if model in MODELS else None
-
-
-# Import time, before Serve freezes the app for the ingress; outermost of the user
-# middleware, so it also sees what an auth middleware refused (and leaves that uncounted).
-api.add_middleware(InvocationCounter)
 
 
 # -- Serve's view of the deployments ---------------------------------------------------
@@ -233,118 +217,45 @@ def system_info() -> dict[str, Any]:
     }
 
 
-# -- routes ----------------------------------------------------------------------------
-def _servable() -> Any:
-    return serve.get_replica_context().servable_object
+# -- what the routes do -----------------------------------------------------------------
+def app_state_cache() -> CachedState:
+    """Serve's view of the application of the replica that asks, cached."""
+    return CachedState(lambda: read_app_state(serve.get_replica_context().app_name))
 
 
-def replica_method(func: F) -> F:
-    """Bind a mixin route's `self` to the replica's instance, in every process.
-
-    `@serve.ingress` does this by rewriting each method's signature, but only in the
-    process that applies the decorator. The ingress class's own methods reach the replica
-    pickled by value, rewrite included; a mixin importable by name is pickled by reference,
-    so the replica imports it afresh and FastAPI would read `self` as a required query
-    parameter (422). Rewriting here, at import, holds wherever the module is imported.
-    """
-    sig = inspect.signature(func)
-    first, *rest = sig.parameters.values()
-    params = [first.replace(default=Depends(_servable))]
-    params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in rest]
-    func.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    return func
+async def list_functions(
+    settings: AppSettings, state: CachedState, namespace: str | None
+) -> list[dict[str, Any]]:
+    """`faas-cli list`: every configured function, disabled ones with 0 replicas."""
+    # Everything lives in one namespace; asking for another finds nothing there.
+    if namespace not in (None, "", NAMESPACE):
+        return []
+    app = await state.get()
+    return [
+        function_status(name, model, app, INVOCATIONS[name])
+        for name, model in settings.models.items()
+    ]
 
 
-class OpenFaaSRoutes:
-    """The OpenFaaS gateway routes; mixed into `Router`, whose state they use."""
+async def describe_function(
+    settings: AppSettings, state: CachedState, name: str, namespace: str | None
+) -> dict[str, Any]:
+    """`faas-cli describe NAME`: one FunctionStatus, or 404."""
+    model, suffix = split_function_name(name)
+    for item in await list_functions(settings, state, namespace or suffix):
+        if item["name"] == model:
+            return item
+    raise ServiceError(404, "not_found", f"no function {name!r} in namespace {NAMESPACE!r}")
 
-    settings: AppSettings
-    limits: Limits
-    models: dict[str, DeploymentHandle]
-    jobs: DeploymentHandle
-    _handle: Callable[..., DeploymentHandle]
-    _require_ready: Callable[[str], Awaitable[None]]
-    _fetch: Callable[[str], Awaitable[bytes]]
 
-    def _openfaas_state(self) -> CachedState:
-        # The mixin has no __init__ of its own (Router's does not chain up): made on first use.
-        cache = self.__dict__.get("_openfaas_cache")
-        if cache is None:
-            app_name = serve.get_replica_context().app_name
-            cache = self._openfaas_cache = CachedState(lambda: read_app_state(app_name))
-        return cache
-
-    async def _openfaas_functions(self, namespace: str | None) -> list[dict[str, Any]]:
-        # Everything lives in one namespace; asking for another finds nothing there.
-        if namespace not in (None, "", NAMESPACE):
-            return []
-        state = await self._openfaas_state().get()
-        return [
-            function_status(name, model, state, INVOCATIONS[name])
-            for name, model in self.settings.models.items()
-        ]
-
-    @api.get("/system/functions", tags=["openfaas"])
-    @replica_method
-    async def openfaas_list(self, namespace: str | None = None) -> JSONResponse:
-        """`faas-cli list`: every configured function, disabled ones with 0 replicas."""
-        return JSONResponse(await self._openfaas_functions(namespace))
-
-    @api.get("/system/function/{name}", tags=["openfaas"])
-    @replica_method
-    async def openfaas_describe(self, name: str, namespace: str | None = None) -> JSONResponse:
-        """`faas-cli describe NAME`: one FunctionStatus, or 404."""
-        model, suffix = split_function_name(name)
-        for item in await self._openfaas_functions(namespace or suffix):
-            if item["name"] == model:
-                return JSONResponse(item)
-        raise ServiceError(404, "not_found", f"no function {name!r} in namespace {NAMESPACE!r}")
-
-    @api.get("/system/namespaces", tags=["openfaas"])
-    @replica_method
-    async def openfaas_namespaces(self) -> list[str]:
-        return [NAMESPACE]
-
-    @api.get("/system/info", tags=["openfaas"])
-    @replica_method
-    async def openfaas_info(self) -> dict[str, Any]:
-        """`faas-cli version`: the gateway and provider versions."""
-        return system_info()
-
-    @api.post("/async-function/{name}", status_code=202, tags=["openfaas"])
-    @replica_method
-    async def openfaas_async(self, name: str, request: Request) -> JSONResponse:
-        """`faas-cli invoke --async`: accept the call as a job; 202 with its X-Call-Id.
-
-        The body is read like `/function/{name}`'s. An `X-Callback-Url` gets the answer
-        POSTed once the job is done; it must pass the image-URL rules (allowlist for
-        private addresses), checked before anything else is done. An incoming `X-Call-Id`
-        is not reused: the id is the job's, and a caller-chosen one could replace another
-        caller's job.
-        """
-        model, _ = split_function_name(name)
-        self._handle(model)
-        callback_url = request.headers.get("x-callback-url") or None
-        if callback_url is not None:
-            await self._openfaas_check_callback(callback_url)
-        await self._require_ready(model)
-        output = request.query_params.get("format", MODELS[model].default_output)
-        image = await parse_image_request(
-            request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
+async def check_callback(settings: AppSettings, url: str) -> None:
+    """An `X-Callback-Url` must pass the image-URL rules (allowlist for private addresses)."""
+    try:
+        await check_url(
+            url,
+            allow_hosts=settings.fetch_allow_hosts,
+            resolve_timeout_s=settings.limits.fetch_connect_timeout_s,
         )
-        view = await self.jobs.submit.remote(
-            model, image.data, image.params, output, image.filename, callback_url, str(uuid.uuid4())
-        )
-        headers = {"X-Call-Id": view["id"], "Location": view["status_url"]}
-        return JSONResponse(view, status_code=202, headers=headers)
-
-    async def _openfaas_check_callback(self, url: str) -> None:
-        try:
-            await check_url(
-                url,
-                allow_hosts=self.settings.fetch_allow_hosts,
-                resolve_timeout_s=self.limits.fetch_connect_timeout_s,
-            )
-        except ServiceError as err:
-            code = "callback_refused" if err.code == "fetch_refused" else "bad_callback_url"
-            raise ServiceError(400, code, f"X-Callback-Url: {err.message}") from None
+    except ServiceError as err:
+        code = "callback_refused" if err.code == "fetch_refused" else "bad_callback_url"
+        raise ServiceError(400, code, f"X-Callback-Url: {err.message}") from None

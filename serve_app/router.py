@@ -3,10 +3,13 @@
 It parses the request into image bytes + parameters (fetching URLs itself, since that is
 I/O and the router is async), calls the model deployment through its handle, and turns the
 plain-data answer into an HTTP response. It knows model names and kinds, nothing more.
+Every route of the service is declared here; the OpenFaaS ones delegate to
+`serve_app.openfaas`.
 """
 
 import asyncio
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +18,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import openfaas
 from serve_app.api import api
 from serve_app.auth import configure_auth
 from serve_app.calls import call_model
 from serve_app.config import AppSettings
 from serve_app.errors import ServiceError, Unavailable
 from serve_app.inputs.fetch import fetch_url
-from serve_app.inputs.request import parse_image_request
-from serve_app.openfaas import OpenFaaSRoutes
+from serve_app.inputs.request import ImageRequest, parse_image_request
 from serve_app.registry import MODELS
 from serve_app.responses import answer
 
@@ -35,7 +38,7 @@ PROMPT_KEYS = ("points", "boxes")
 
 @serve.deployment
 @serve.ingress(api)
-class Router(OpenFaaSRoutes):
+class Router:
     def __init__(
         self,
         settings: dict[str, Any],
@@ -47,6 +50,7 @@ class Router(OpenFaaSRoutes):
         self.models = models
         self.jobs = jobs
         self.limits = self.settings.limits
+        self.app_state = openfaas.app_state_cache()
 
     # -- helpers -----------------------------------------------------------------------
     def _handle(self, name: str, kind: str | None = None) -> DeploymentHandle:
@@ -120,53 +124,45 @@ class Router(OpenFaaSRoutes):
             return {**base, "status": "unavailable", "detail": type(err).__name__}
         return {**base, **info}
 
-    @api.post("/v1/detect/{model}")
-    async def detect(self, model: str, request: Request) -> Response:
-        self._handle(model, "detector")
-        return await self._run(model, "detect", request, request.query_params.get("format", "json"))
-
-    @api.post("/function/{name}")
-    async def function(self, name: str, request: Request) -> Response:
-        """OpenFaaS-compatible: body = image URL or bytes; answer = the annotated image."""
-        # faas-cli appends the namespace (`.openfaas-fn`); model names have no dots.
-        model = name.split(".", 1)[0]
-        self._handle(model)
-        output = request.query_params.get("format", MODELS[model].default_output)
-        method = "detect" if MODELS[model].kind == "detector" else "generate"
-        return await self._run(model, method, request, output)
-
-    async def _run(self, model: str, method: str, request: Request, output: str) -> Response:
+    async def _read(self, request: Request, default_output: str) -> tuple[ImageRequest, str]:
+        """The image and parameters of a request, and the answer format it asks for."""
         image = await parse_image_request(
             request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
         )
+        return image, request.query_params.get("format", default_output)
+
+    async def _run(self, model: str, request: Request, default_output: str = "json") -> Response:
+        """Read the image, call the model's method for it, answer its result."""
+        image, output = await self._read(request, default_output)
+        if MODELS[model].kind == "detector":
+            method = "detect"
+        else:  # prompted when points or boxes are given, automatic otherwise
+            method = "segment" if any(k in image.params for k in PROMPT_KEYS) else "generate"
         result = await self._call(model, method, image.data, image.params, output, image.filename)
         return answer(result, output)
 
-    # -- Segment Anything --------------------------------------------------------------
+    async def _submit(self, model: str, request: Request, default_output: str, *extra: Any) -> Any:
+        """Read the image and hand it to the jobs deployment; the job's first view."""
+        image, output = await self._read(request, default_output)
+        args = (model, image.data, image.params, output, image.filename, *extra)
+        return await self.jobs.submit.remote(*args)
+
+    @api.post("/v1/detect/{model}")
+    async def detect(self, model: str, request: Request) -> Response:
+        self._handle(model, "detector")
+        return await self._run(model, request)
+
     @api.post("/v1/segment/{model}")
     async def segment(self, model: str, request: Request) -> Response:
         """Masks for an image: prompted (points/labels/boxes given) or automatic (none)."""
         self._handle(model, "segmenter")
-        output = request.query_params.get("format", "json")
-        image = await parse_image_request(
-            request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
-        )
-        prompted = any(k in image.params for k in PROMPT_KEYS)
-        method = "segment" if prompted else "generate"
-        result = await self._call(model, method, image.data, image.params, output, image.filename)
-        return answer(result, output)
+        return await self._run(model, request)
 
     # -- jobs: long requests with progress ---------------------------------------------
     @api.post("/v1/jobs/{model}", status_code=202)
     async def submit_job(self, model: str, request: Request) -> JSONResponse:
         await self._require_ready(model)
-        output = request.query_params.get("format", "json")
-        image = await parse_image_request(
-            request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
-        )
-        view = await self.jobs.submit.remote(
-            model, image.data, image.params, output, image.filename
-        )
+        view = await self._submit(model, request, "json")
         return JSONResponse(view, status_code=202, headers={"Location": view["status_url"]})
 
     @api.get("/v1/jobs")
@@ -181,6 +177,56 @@ class Router(OpenFaaSRoutes):
     async def job_result(self, job_id: str) -> Response:
         done = await self.jobs.result.remote(job_id)
         return answer(done["result"], done["output"])
+
+    # -- OpenFaaS gateway API (faas-cli) ------------------------------------------------
+    @api.post("/function/{name}")
+    async def function(self, name: str, request: Request) -> Response:
+        """`faas-cli invoke`: body = image URL or bytes; answer = the annotated image."""
+        model, _ = openfaas.split_function_name(name)
+        self._handle(model)
+        return await self._run(model, request, MODELS[model].default_output)
+
+    @api.post("/async-function/{name}", status_code=202, tags=["openfaas"])
+    async def openfaas_async(self, name: str, request: Request) -> JSONResponse:
+        """`faas-cli invoke --async`: accept the call as a job; 202 with its X-Call-Id.
+
+        The callback URL and the model's readiness are checked before the body is read.
+        """
+        model, _ = openfaas.split_function_name(name)
+        self._handle(model)
+        callback_url = request.headers.get("x-callback-url") or None
+        if callback_url is not None:
+            await openfaas.check_callback(self.settings, callback_url)
+        await self._require_ready(model)
+        # The id is the job's: an incoming X-Call-Id is not reused, since a caller-chosen one
+        # could replace another caller's job.
+        call_id = str(uuid.uuid4())
+        view = await self._submit(
+            model, request, MODELS[model].default_output, callback_url, call_id
+        )
+        headers = {"X-Call-Id": view["id"], "Location": view["status_url"]}
+        return JSONResponse(view, status_code=202, headers=headers)
+
+    @api.get("/system/functions", tags=["openfaas"])
+    async def openfaas_list(self, namespace: str | None = None) -> JSONResponse:
+        """`faas-cli list`: every configured function, disabled ones with 0 replicas."""
+        items = await openfaas.list_functions(self.settings, self.app_state, namespace)
+        return JSONResponse(items)
+
+    @api.get("/system/function/{name}", tags=["openfaas"])
+    async def openfaas_describe(self, name: str, namespace: str | None = None) -> JSONResponse:
+        """`faas-cli describe NAME`: one FunctionStatus, or 404."""
+        item = await openfaas.describe_function(self.settings, self.app_state, name, namespace)
+        return JSONResponse(item)
+
+    @api.get("/system/namespaces", tags=["openfaas"])
+    async def openfaas_namespaces(self) -> list[str]:
+        return [openfaas.NAMESPACE]
+
+    @api.get("/system/info", tags=["openfaas"])
+    async def openfaas_info(self) -> dict[str, Any]:
+        """`faas-cli version`: the gateway and provider versions."""
+        return openfaas.system_info()
 
     # -- web page ----------------------------------------------------------------------
     @api.get("/", include_in_schema=False)
