@@ -137,20 +137,18 @@ def validate_options(name: str, options: dict[str, Any]) -> BaseModel:
 
 
 def weights_needed(cfg: dict[str, Any], deployment_names: list[str] | None = None) -> list[str]:
-    """Weight files the enabled models of a serve config need, in weights-registry order.
+    """Weight files the enabled models of a serve config need, in registry order.
 
     From each model's registry entry and its configured options, so `make models` and the
     KubeRay init containers fetch exactly what the service will look for.
     """
-    from serve_app.models.weights import REGISTRY
-
     models = parse_app_settings(cfg["applications"][0].get("args")).models
-    names = deployment_names if deployment_names is not None else list(models)
-    needed: set[str] = set()
-    for name in names:
-        if name in models and models[name].enabled:
-            needed.update(MODELS[name].weights(validate_options(name, models[name].options)))
-    return [w for w in REGISTRY if w in needed]
+    names = set(deployment_names if deployment_names is not None else models)
+    needed: dict[str, None] = {}  # ordered and without repeats
+    for name, spec in MODELS.items():
+        if name in names and name in models and models[name].enabled:
+            needed.update(dict.fromkeys(spec.weights(validate_options(name, models[name].options))))
+    return list(needed)
 
 
 def validate_config(cfg: dict[str, Any]) -> AppSettings:

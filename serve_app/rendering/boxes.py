@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 import cv2
 import numpy as np
 
-from serve_app.models.types import Detection
+
+class Box(Protocol):
+    """What is drawn: an axis-aligned box in pixels (a `models.types.Detection`, say).
+
+    A protocol, not the models' type: rendering sits below the models that use its RLE
+    codec, so it imports nothing of theirs.
+    """
+
+    x: int
+    y: int
+    w: int
+    h: int
 
 GREEN = (0, 255, 0)
 
 
 def draw_boxes(
-    image_bgr: np.ndarray, faces: Iterable[Detection], color: tuple[int, int, int] = GREEN
+    image_bgr: np.ndarray, faces: Iterable[Box], color: tuple[int, int, int] = GREEN
 ) -> np.ndarray:
     """A copy of the image with one rectangle per face; line width grows with the image."""
     out = image_bgr.copy()
