@@ -14,19 +14,18 @@ import threading
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-IMAGES = SHARED / "images"
-PICO = SHARED / "pico"
-TEST_IMAGE_HOST = "127.0.0.2"  # the only address the test service may fetch from
+from helpers import IMAGES, PICO, REPO, TEST_IMAGE_HOST, TEST_LIMITS
 
 
-def shared_file(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared test data (../shared/data) is not here")
-    return path
+# Tests using any of these run against the real Ray + Serve service: marked `service`, so that
+# `make test-fast` (-m "not slow and not service") runs the unit tests without starting Ray.
+SERVICE_FIXTURES = frozenset({"ray_session", "service", "http", "sam_ready"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +82,6 @@ SAM_TEST_MODELS: dict = {
                                "max_points_per_side": 8}},
     "sam-vit-h": {"enabled": True},
 }
-TEST_LIMITS = {"max_body_bytes": 8 * 2**20, "fetch_max_bytes": 4 * 2**20,
-               "max_pixels": 50_000_000, "fetch_connect_timeout_s": 2,
-               "fetch_read_timeout_s": 5, "fetch_max_redirects": 3}
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pexpect
 import pytest
-from conftest import shared_file
+from helpers import shared_file
 
 from serve_app.launch import free_port
 

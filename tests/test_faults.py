@@ -12,38 +12,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import pytest
-from conftest import shared_file
+from helpers import replica_details, running_replicas, shared_file
 
-APP = "visionserve"
 CNN = "cnn-face-detection"
 CNN_ROUTE = f"/v1/detect/{CNN}"
-
-
-def replica_details() -> dict[str, list[dict[str, Any]]]:
-    """Deployment name -> its replicas as the Serve controller reports them.
-
-    `serve.status()` only counts replicas per state; the controller's instance details
-    (what `serve status -v` and the dashboard show) carry their ids and actor names.
-    """
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    if not isinstance(details, dict):
-        details = details.model_dump()
-    deployments = details["applications"][APP]["deployments"]
-    return {name: [dict(r) for r in dep["replicas"]] for name, dep in deployments.items()}
-
-
-def running_replicas() -> dict[str, set[str]]:
-    """Deployment name -> ids of its RUNNING replicas."""
-    return {
-        name: {r["replica_id"] for r in reps if str(r["state"]).endswith("RUNNING")}
-        for name, reps in replica_details().items()
-    }
 
 
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.25) -> float | None:

@@ -35,8 +35,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from conftest import TEST_LIMITS, shared_file
-from test_faults import running_replicas
+from helpers import TEST_LIMITS, running_replicas, shared_file
 
 SEED = int(os.environ.get("VS_FUZZ_SEED", "20240611"))
 MAX_BODY = TEST_LIMITS["max_body_bytes"]

@@ -10,7 +10,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from conftest import shared_file
+from helpers import shared_file
 
 from serve_app.registry import names_of
 
@@ -95,16 +95,29 @@ def test_detect_json_base64_and_url(http, sample, image_server):
     assert r.status_code == 200 and r.json()["count"] == 1
 
 
+def greenish(pixels: np.ndarray) -> float:
+    """Share of BGR pixels that are clearly green (survives JPEG's rounding, unlike ==)."""
+    p = pixels.astype(int)
+    return float(((p[..., 1] - np.maximum(p[..., 0], p[..., 2])) > 100).mean())
+
+
 @pytest.mark.parametrize(("fmt", "media"), [("jpeg", "image/jpeg"), ("png", "image/png")])
 def test_detect_image_answer(http, sample, fmt, media):
     r = http.post(f"/v1/detect/face-detect-pigo?format={fmt}", content=sample)
     assert r.status_code == 200 and r.headers["content-type"] == media
+    assert r.headers["x-count"] == "1"
     drawn, original = decode(r.content), decode(sample)
     assert drawn.shape == original.shape
-    # The box is green: some pixels turned (0, 255, 0) that were not before.
-    green = np.all(drawn == (0, 255, 0), axis=2).sum() if fmt == "png" else None
-    if green is not None:
-        assert green > 100
+    # The box the JSON answer reports is drawn in green, on all four sides, where the
+    # original has no green at all.
+    [face] = http.post("/v1/detect/face-detect-pigo", content=sample).json()["faces"]
+    x, y, w, h = face["x"], face["y"], face["w"], face["h"]
+    for side in (np.s_[y, x : x + w], np.s_[y + h, x : x + w], np.s_[y : y + h, x],
+                 np.s_[y : y + h, x + w]):
+        assert greenish(drawn[side]) > 0.9, (fmt, side)
+        assert greenish(original[side]) < 0.1
+    if fmt == "png":  # lossless: the exact colour
+        assert np.all(drawn == (0, 255, 0), axis=2).sum() > 100
 
 
 def test_function_with_url_body_answers_jpeg(http, image_server):

@@ -27,9 +27,9 @@ from urllib.parse import urlencode, urlsplit
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, TEST_IMAGE_HOST, shared_file
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from helpers import REPO, TEST_IMAGE_HOST, shared_file
 
 from serve_app import callbacks, openfaas
 from serve_app.auth import ApiKeyMiddleware

@@ -30,8 +30,9 @@ def test_each_entry_is_complete(name):
     assert spec.default_output in ("json", "jpeg", "png", "base64")
     assert len(spec.box_color) == 7 and spec.box_color.startswith("#")
     assert all(0 <= c <= 255 for c in spec.box_bgr())
-    options = validate_options(name, load_config()["applications"][0]["args"]["models"][name]
-                               .get("options", {}))
+    options = validate_options(
+        name, load_config()["applications"][0]["args"]["models"][name].get("options", {})
+    )
     assert all(w in WEIGHTS for w in spec.weights(options))
 
 
@@ -40,8 +41,9 @@ def test_weights_follow_the_options():
     assert pigo.weights(pigo.options()) == ["facefinder"]
     assert cnn.weights(cnn.options(weights="x", prototxt="y")) == ["x", "y"]
     assert sam.weights(sam.options(variant="mobile", weights="mobile_sam")) == ["mobile_sam"]
-    assert sam.weights(sam.options(variant="mobile", weights="mobile_sam",
-                                   random_weights=True)) == []
+    assert (
+        sam.weights(sam.options(variant="mobile", weights="mobile_sam", random_weights=True)) == []
+    )
     assert MODELS["face-detect-opencv"].weights(MODELS["face-detect-opencv"].options()) == []
 
 
@@ -71,8 +73,9 @@ def test_reading_the_registry_imports_neither_ray_nor_torch_nor_opencv():
         "heavy = {'ray', 'torch', 'cv2', 'serve_app.app'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGES
+from helpers import IMAGES
 from segment_anything.utils.amg import batched_mask_to_box
 
 from serve_app.models.sam import resample

@@ -12,7 +12,7 @@ import time
 import cv2
 import numpy as np
 import pytest
-from conftest import shared_file
+from helpers import shared_file
 from pycocotools import mask as mask_utils
 
 LIGHT = "sam-segmentation-light"  # tiny ViT in the test service

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 import pytest
-from conftest import TEST_IMAGE_HOST, shared_file
+from helpers import TEST_IMAGE_HOST, shared_file
 
 MODEL = "face-detect-pigo"
 

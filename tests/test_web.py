@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import shared_file
+from helpers import shared_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

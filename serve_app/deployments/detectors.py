@@ -183,4 +183,3 @@ class CnnDetector(DetectorDeployment):
 
     def run(self, model, image_bgr, params):
         return model.detect(image_bgr, confidence=params["confidence"])
-

@@ -284,4 +284,3 @@ def check_prompts_inside(prompts: dict[str, Any], width: int, height: int) -> No
 @serve.deployment
 class SamDeployment(SamSegmenter):
     """One SAM variant; the config names it (sam-segmentation-light, sam-segmentation, ...)."""
-

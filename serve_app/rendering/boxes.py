@@ -21,6 +21,7 @@ class Box(Protocol):
     w: int
     h: int
 
+
 GREEN = (0, 255, 0)
 
 
