@@ -39,11 +39,13 @@ test-tools:
 test: setup test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Unit tests only: nothing that starts Ray (the `service` marker) or runs long.
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not service" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) -m bench
