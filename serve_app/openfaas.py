@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.config import AppSettings, ModelSettings
 from serve_app.errors import ServiceError, Unavailable
-from serve_app.inputs.fetch import check_url
+from serve_app.inputs.addresses import check_url
 from serve_app.registry import MODELS
 
 log = logging.getLogger("ray.serve")

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from helpers import IMAGES, PICO, REPO, TEST_IMAGE_HOST, TEST_LIMITS
 
-
 # Tests using any of these run against the real Ray + Serve service: marked `service`, so that
 # `make test-fast` (-m "not slow and not service") runs the unit tests without starting Ray.
 SERVICE_FIXTURES = frozenset({"ray_session", "service", "http", "sam_ready"})

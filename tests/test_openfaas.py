@@ -35,7 +35,8 @@ from serve_app import callbacks, openfaas
 from serve_app.auth import ApiKeyMiddleware
 from serve_app.config import AppSettings, ModelSettings
 from serve_app.errors import ServiceError
-from serve_app.inputs.fetch import check_url, post_url
+from serve_app.inputs.addresses import check_url
+from serve_app.inputs.fetch import post_url
 from serve_app.job import Job
 
 NAMESPACE = "openfaas-fn"
