@@ -15,9 +15,9 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "model
 
 
 def _model_names() -> list[str]:
-    from serve_app.config import MODEL_KINDS
+    from serve_app.registry import MODELS
 
-    return list(MODEL_KINDS)
+    return list(MODELS)
 
 
 def _table_first_cells(text: str) -> set[str]:
