@@ -1,10 +1,9 @@
-"""Pico (pigo-exact, numpy) vs OpenCV's Haar face cascade on truck.jpg (1800x1200).
+"""Pico (pigo-exact, numba kernel) vs OpenCV's Haar face cascade on truck.jpg (1800x1200).
 
 Runs each detector alternately so that load from other processes hits both alike, and prints and
 writes (bench/results/pico_vs_haar.json) the median wall times and their ratio.
 
     .venv/bin/python bench/pico_vs_haar.py [--repeats N] [--image PATH] [--threads N]
-                                           [--backend auto|numpy|numba]
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serve_app.models.pico import (  # noqa: E402
-    NUMBA_AVAILABLE,
     STORE_PARAMS,
     PicoCascade,
     to_gray_pigo,
@@ -45,8 +43,6 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None,
                     help="Pico threads (default: its own default); Haar keeps cv2's")
-    ap.add_argument("--backend", choices=["auto", "numpy", "numba"], default="auto",
-                    help="Pico kernel (auto: numba when installed)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pico_vs_haar.json")
     args = ap.parse_args()
 
@@ -60,7 +56,7 @@ def main() -> int:
     haar_gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
 
     def run_pico():
-        return pico.detect(pico_gray, STORE_PARAMS, threads=args.threads, backend=args.backend)
+        return pico.detect(pico_gray, STORE_PARAMS, threads=args.threads)
 
     def run_haar():
         return haar.detectMultiScale(haar_gray, 1.1, 5, minSize=(30, 30))
@@ -83,8 +79,7 @@ def main() -> int:
         "repeats": args.repeats,
         "pico_params": STORE_PARAMS.__dict__,
         "pico_threads": args.threads,
-        "pico_backend": args.backend,
-        "numba_available": NUMBA_AVAILABLE,
+        "pico_backend": "numba",
         "cv2_threads": cv2.getNumThreads(),
         "cpu_count": os.cpu_count(),
         "load_avg_1min": os.getloadavg()[0],
