@@ -118,7 +118,20 @@ def test_download_verifies_and_leaves_nothing_else(server, tmp_path):
     w.verify(got["tiny"], wf)
     assert _leftovers(tmp_path) == []
     assert server.requests == [("/weights/tiny.bin", None)]
-    assert got["tiny"].stat().st_mode & 0o044 == 0o044 & ~_umask()  # not pooch's 0600 temp
+    assert got["tiny"].stat().st_mode & 0o044 == 0o044 & ~_umask()  # not a 0600 temp file
+
+
+def test_a_download_is_hashed_once(server, tmp_path, monkeypatch):
+    """Multi-GB checkpoints: one full read to verify, not one per layer of checking."""
+    real, calls = w.hashlib.file_digest, []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(w.hashlib, "file_digest", counting)
+    w.fetch([_entry(server)], model_dir=tmp_path, progress=False)
+    assert len(calls) == 1
 
 
 def test_present_file_is_verified_not_downloaded_again(server, tmp_path):
@@ -166,7 +179,7 @@ def test_corrupt_download_is_rejected_and_not_kept(server, tmp_path):
     assert isinstance(err, w.VerificationError)
     assert wf.url in str(err)
     assert not (tmp_path / "tiny.bin").exists()
-    assert _leftovers(tmp_path) == []  # no .part, no pooch temp file
+    assert _leftovers(tmp_path) == []  # no .part, no temp file
 
 
 def test_corrupt_file_under_final_name_is_replaced(server, tmp_path):

@@ -184,7 +184,7 @@ def _verify(args: argparse.Namespace, directory: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # exits 2 on usage errors
-    # Only our own messages: httpx and pooch log every request at INFO.
+    # Only our own messages: httpx logs every request at INFO.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("serve_app.models")

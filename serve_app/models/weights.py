@@ -427,48 +427,27 @@ _TIMEOUT_S = 30.0
 
 
 def _download(wf: WeightFile, dest: Path, progress: bool) -> Path:
-    import pooch
-
-    downloader = _ResumingDownloader(wf, dest / f"{wf.filename}.part", progress=progress)
+    target = dest / wf.filename
     log.info("%s: downloading %s", wf.name, wf.url)
-    pooch_log = pooch.get_logger()
-    level = pooch_log.level
-    pooch_log.setLevel(logging.WARNING)  # progress and messages are ours
-    try:
-        path = pooch.retrieve(
-            wf.url,
-            known_hash=f"sha256:{wf.sha256}" if wf.sha256 else None,
-            fname=wf.filename,
-            path=dest,
-            downloader=downloader,
-            progressbar=progress,
-        )
-    except ValueError as err:  # pooch's own hash check, behind ours
-        raise VerificationError(f"{wf.name}: download from {wf.url} is corrupt: {err}") from err
-    finally:
-        pooch_log.setLevel(level)
-    log.info("%s: downloaded and verified: %s", wf.name, path)
-    return Path(path)
+    _ResumingDownloader(wf, dest / f"{wf.filename}.part", progress=progress).into(target)
+    log.info("%s: downloaded and verified: %s", wf.name, target)
+    return target
 
 
 class _ResumingDownloader:
-    """A pooch downloader that resumes.
-
-    pooch streams into a temporary file with a new random name on every call and deletes it on
-    failure, so it cannot resume. This downloader keeps the bytes in a stable `<file>.part`,
-    continues it with an HTTP Range request, verifies it, and only then hands it over as pooch's
-    temporary file (pooch checks the hash again and moves it under the final name).
-    """
+    """Downloads into a stable `<file>.part` under a lock, continues it with an HTTP Range
+    request after an interruption, hashes it once, and only then moves it under the final
+    name, so the service never sees a partial or unverified file."""
 
     def __init__(self, wf: WeightFile, part: Path, *, progress: bool):
         self.wf = wf
         self.part = part
         self.progress = progress
 
-    def __call__(self, url: str, output_file: str, pooch: object, check_only: bool = False) -> None:
+    def into(self, target: Path) -> None:
         import fcntl
 
-        wf = self.wf
+        wf, url = self.wf, self.wf.url
         with self.part.open("a+b") as f:
             try:
                 # Two fetches appending to one .part would interleave garbage.
@@ -491,7 +470,7 @@ class _ResumingDownloader:
                     f"{wf.name}: download from {url} is corrupt ({problem}); it was deleted. "
                     "If this repeats, the file upstream changed: check the registry entry."
                 )
-            os.replace(self.part, output_file)
+            os.replace(self.part, target)
 
     def _check(self, f) -> str | None:
         f.flush()
