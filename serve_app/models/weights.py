@@ -80,6 +80,28 @@ class WeightFile:
 _SAM_BASE = "https://dl.fbaipublicfiles.com/segment_anything"
 _SAM_LICENCE = "Apache-2.0 (facebookresearch/segment-anything)"
 
+_SAM_SHA256 = {
+    "vit_b": "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+    "vit_l": "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+    "vit_h": "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+}
+
+
+def _sam(variant: str, tag: str, size: int) -> WeightFile:
+    """One of Meta's SAM checkpoints: one URL pattern, one licence."""
+    filename = f"sam_{variant}_{tag}.pth"
+    return WeightFile(
+        name=f"sam_{variant}",
+        filename=filename,
+        url=f"{_SAM_BASE}/{filename}",
+        sha256=_SAM_SHA256[variant],
+        sha256_prefix=None,
+        size=size,
+        licence=_SAM_LICENCE,
+        used_by=(f"segment anything: {variant}",),
+    )
+
+
 REGISTRY: dict[str, WeightFile] = {
     wf.name: wf
     for wf in (
@@ -121,36 +143,9 @@ REGISTRY: dict[str, WeightFile] = {
                 ("34d850436faf158ca4e690533ba27c1decf29653559299d80db9274146332ca7", 29_881),
             ),
         ),
-        WeightFile(
-            name="sam_vit_b",
-            filename="sam_vit_b_01ec64.pth",
-            url=f"{_SAM_BASE}/sam_vit_b_01ec64.pth",
-            sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-            sha256_prefix=None,
-            size=375_042_383,
-            licence=_SAM_LICENCE,
-            used_by=("segment anything: vit_b",),
-        ),
-        WeightFile(
-            name="sam_vit_l",
-            filename="sam_vit_l_0b3195.pth",
-            url=f"{_SAM_BASE}/sam_vit_l_0b3195.pth",
-            sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-            sha256_prefix=None,
-            size=1_249_524_607,
-            licence=_SAM_LICENCE,
-            used_by=("segment anything: vit_l",),
-        ),
-        WeightFile(
-            name="sam_vit_h",
-            filename="sam_vit_h_4b8939.pth",
-            url=f"{_SAM_BASE}/sam_vit_h_4b8939.pth",
-            sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-            sha256_prefix=None,
-            size=2_564_550_879,
-            licence=_SAM_LICENCE,
-            used_by=("segment anything: vit_h",),
-        ),
+        _sam("vit_b", "01ec64", 375_042_383),
+        _sam("vit_l", "0b3195", 1_249_524_607),
+        _sam("vit_h", "4b8939", 2_564_550_879),
         WeightFile(
             name="mobile_sam",
             filename="mobile_sam.pt",
