@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import shared_file
 
-from serve_app.registry import names_of
+from serve_app.registry import MODELS, names_of
 
 DETECTORS = names_of("detector")
 
@@ -44,6 +44,9 @@ def test_healthz(http):
 
 def test_models_lists_every_configured_model(http):
     models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+    for name, spec in MODELS.items():  # what the web page and clients read from the registry
+        assert (models[name]["box_color"], models[name]["default_output"]) == (
+            spec.box_color, spec.default_output)
     for name in DETECTORS:
         assert models[name]["kind"] == "detector"
         assert models[name]["status"] == "ready", models[name]

@@ -8,8 +8,6 @@
 const POLL_MS = 300;             // job status polling interval
 const ORIGINAL_WAIT_MS = 5000;   // how long a run waits for the browser's copy of the image
 const MASK_ALPHA = 0.4;
-// Boxes in the colour the service draws, which /v1/models gives as `box_color`.
-const BOX_COLOR = "#00ff00";
 // Shown open; the rest of a model's parameters go under "More parameters".
 const MAIN_PARAMS = ["confidence", "points_per_side"];
 const KIND_LABELS = { detector: "Face detection", segmenter: "Segment Anything" };
@@ -387,7 +385,7 @@ async function renderLocally(model, data) {
   const ctx = canvas.getContext("2d");
   ctx.drawImage(img, 0, 0);
   if (model.kind === "detector") {
-    drawBoxes(ctx, data, model.box_color || BOX_COLOR);
+    drawBoxes(ctx, data, model.box_color);  // the colour the service draws, from /v1/models
   } else {
     drawMasks(ctx, data);
   }
