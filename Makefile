@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test test-fast test-tools lint bench kuberay clean
+.PHONY: setup models run test test-fast test-tools lint bench kuberay lock lock-torch clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,27 @@ bench: setup
 
 kuberay: setup
 	$(PY) -m kuberay.generate
+
+# The image's lock files (kuberay/Dockerfile), with sha256 hashes, resolved from PyPI for
+# Linux x86_64 / Python 3.11. requirements.lock leaves torch/torchvision out (the CPU wheels
+# come from the PyTorch index: kuberay/torch-cpu.lock); requirements-gpu.lock is PyPI's CUDA
+# torch with everything it pulls. Then `make kuberay`: the image tag follows the locks.
+UV ?= uv
+UV_COMPILE := $(UV) pip compile --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+	--no-header --annotation-style line
+lock:
+	$(UV_COMPILE) pyproject.toml kuberay/requirements.in \
+	  --override kuberay/torch-overrides.txt -o kuberay/requirements.lock
+	$(UV_COMPILE) pyproject.toml -o kuberay/requirements-gpu.lock
+
+# Where download.pytorch.org is reachable: print the --hash lines of the CPU wheels pinned in
+# kuberay/torch-cpu.lock, to paste there (pip then checks them).
+lock-torch:
+	tmp=$$(mktemp -d) && $(PY) -m pip download --no-deps --only-binary :all: \
+	  --python-version 3.11 --platform manylinux_2_28_x86_64 \
+	  --index-url https://download.pytorch.org/whl/cpu -r kuberay/torch-cpu.lock -d $$tmp \
+	  && $(PY) -m pip hash $$tmp/*.whl; rm -rf $$tmp
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

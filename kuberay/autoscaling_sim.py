@@ -3,15 +3,17 @@
     python -m kuberay.autoscaling_sim --temp-dir /tmp/vs-sim-XXXX [--out timeline.json]
 
 Starts its own Ray cluster whose worker node types are kuberay/cluster.yaml's worker groups
-(same logical CPUs and memory per node, fewer nodes), with Ray's autoscaler v2 launching
-"nodes" as local raylets (kuberay/sim_provider.py). Deploys config/serve.yaml cut down to the
-router, jobs and face-detect-opencv (real code, no weight files), with head num-cpus 0 as in
-the manifest. Then: load over HTTP on loopback until Serve adds replicas and the autoscaler
-adds a node; no load until both go away. Prints and writes the timeline as JSON.
+(same logical CPUs, memory and node labels per node, fewer nodes), with Ray's autoscaler v2
+launching "nodes" as local raylets (kuberay/sim_provider.py). Deploys the cluster's serve config
+(config/serve.yaml merged with the overlay, kuberay/overlay.py: the shipped num_cpus, memory,
+label selectors, min/max replicas, two routers) cut down to the router, jobs, face-detect-opencv
+(real code, no weight files) and sam-mobile as the small "tiny" SAM with random weights on the
+`sam` node type; head num-cpus 0 as in the manifest. Then: load over HTTP on loopback until
+Serve adds replicas up to the shipped max_replicas and the autoscaler adds nodes; no load until
+both are back to the baseline. Prints and writes the timeline as JSON.
 
 Time is compressed: Serve's metric push, upscale and downscale delays and the node idle
-timeout are seconds here (on the cluster: 10 s, 30 s, 600 s, 60 s). On an idle 2-core machine
-it takes about 1.5 minutes; every phase is bounded (at most ~4.5 minutes in all).
+timeout are seconds here (on the cluster: 10 s, 30 s, 120 s, 60 s). Every phase is bounded.
 
 Never runs `ray stop` (it would kill every Ray on the machine): every process it starts
 carries a marker in its environment and is stopped by pid; the temp dir is its own.
@@ -33,7 +35,7 @@ from typing import Any
 
 from ray.cluster_utils import AutoscalingCluster
 
-from kuberay import sizing
+from kuberay import overlay, sizing
 from kuberay.procs import MARKER, stop_processes
 from serve_app.config import load_config
 from serve_app.launch import APP_NAME, deploy_config, free_port, with_overrides
@@ -41,19 +43,16 @@ from serve_app.launch import APP_NAME, deploy_config, free_port, with_overrides
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
-GROUP_LABEL = "visionserve.io/group"
+GROUP_LABEL = sizing.GROUP_LABEL
 
 LOADED = "face-detect-opencv"  # no weight files, real OpenCV work per request
+SAM = "sam-mobile"  # as the "tiny" SAM with random weights: small, but the real SAM code
+# Timing only: min/max replicas and targets are the shipped ones.
 SIM_AUTOSCALING = {
     "metrics_interval_s": 1,
     "look_back_period_s": 3,
     "upscale_delay_s": 2,
     "downscale_delay_s": 6,
-    # 3, not the config's 4: the two added replicas fill one new node, which then holds fewer
-    # replicas than the first and so is the one Serve empties on downscale (it stops replicas
-    # on the node with the fewest replicas of ALL deployments first). With 4, the new node
-    # ties with the first (router + jobs + 1 detector) and may keep a replica forever.
-    "max_replicas": 3,
 }
 SIM_ENV = {
     # Replicas and handles report load every second instead of every 10 s.
@@ -63,7 +62,7 @@ SIM_ENV = {
 }
 NODE_IDLE_TIMEOUT_S = 5
 OBJECT_STORE_BYTES = 100 * 2**20  # per simulated node; request bodies here are small
-MAX_NODES_PER_GROUP = 3
+MAX_NODES_PER_GROUP = 4  # the machine's limit, not the groups' (10 and 4 on the cluster)
 
 
 class LocalAutoscalingCluster(AutoscalingCluster):
@@ -178,24 +177,31 @@ def node_types(cluster_cfg: dict[str, Any], groups_used: set[str]) -> dict[str, 
                 "memory": g.ray_memory,
                 "object_store_memory": OBJECT_STORE_BYTES,
             },
-            "labels": {GROUP_LABEL: g.name},
+            "labels": dict(g.labels),
             "node_config": {},
-            "min_workers": 1 if g.name in groups_used else 0,
+            # None kept at min: the nodes come and go with the replicas' demand.
+            "min_workers": 0,
             "max_workers": min(g.max_replicas, MAX_NODES_PER_GROUP),
         }
     return out
 
 
-def sim_serve_config(port: int, model_dir: Path) -> dict[str, Any]:
-    """config/serve.yaml with only the router, jobs and the loaded detector, fast autoscaling."""
-    cfg = load_config()
+def sim_serve_config(port: int, model_dir: Path, cluster_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The cluster's serve config with only the router, jobs, the loaded detector and the small
+    SAM; fast autoscaling; the proxy on loopback."""
+    cfg = overlay.cluster_serve_config(load_config(), cluster_cfg)
+    cfg["http_options"]["host"] = "127.0.0.1"
     models = cfg["applications"][0]["args"]["models"]
+    fast = {"autoscaling_config": SIM_AUTOSCALING}
     return with_overrides(
         cfg,
         port=port,
         args={"model_dir": str(model_dir)},
-        models={name: None for name in models if name != LOADED},
-        deployments={LOADED: {"autoscaling_config": SIM_AUTOSCALING}},
+        models={
+            **{name: None for name in models if name not in (LOADED, SAM)},
+            SAM: {"options": {"variant": "tiny", "random_weights": True}},
+        },
+        deployments={name: fast for name in ("router", "jobs", LOADED, SAM)},
     )
 
 
@@ -286,6 +292,27 @@ def sample(t0: float, load: Load | None, phase: str) -> dict[str, Any]:
     }
 
 
+def placement() -> dict[str, dict[str, float]]:
+    """Node group -> CPUs in use there (from the GCS: the state API would need a dashboard,
+    and the default dashboard port may be another session's). Shows which group holds what:
+    the replicas ask for known CPU shares."""
+    import ray
+    from ray._private.state import available_resources_per_node
+
+    free = available_resources_per_node()
+    out: dict[str, dict[str, float]] = {}
+    for node in ray.nodes():
+        if not node["Alive"] or node["NodeID"] == FAKE_HEAD_NODE_ID:
+            continue
+        group = (node.get("Labels") or {}).get(GROUP_LABEL, "?")
+        total = node["Resources"].get("CPU", 0)
+        used = total - free.get(node["NodeID"], {}).get("CPU", 0)
+        row = out.setdefault(group, {"nodes": 0, "cpus_used": 0.0})
+        row["nodes"] += 1
+        row["cpus_used"] = round(row["cpus_used"] + used, 2)
+    return out
+
+
 def run(
     temp_dir: Path, sim_id: str, *, clients: int, load_s: float, drain_s: float,
     startup_s: float,
@@ -297,13 +324,13 @@ def run(
 
     t0 = time.monotonic()
     cluster_cfg = sizing.load_cluster()
-    groups_used = {cluster_cfg["placement"][name][0] for name in ("router", "jobs", LOADED)}
-    types = node_types(cluster_cfg, groups_used)
+    types = node_types(cluster_cfg, set())
     cluster = LocalAutoscalingCluster(temp_dir, types, sim_id)
     timeline: list[dict[str, Any]] = []
     marks: dict[str, float] = {}
     load: Load | None = None
     marks["load_avg_start"] = round(os.getloadavg()[0], 1)
+    # The dispatch is by node group label; the sizes are the cluster's.
     try:
         cluster.start()
         marks["head_up"] = round(time.monotonic() - t0, 1)
@@ -312,7 +339,11 @@ def run(
         port = free_port()
         model_dir = temp_dir / "models"
         model_dir.mkdir()
-        deploy_config(sim_serve_config(port, model_dir),
+        serve_cfg = sim_serve_config(port, model_dir, cluster_cfg)
+        max_replicas = next(d for d in serve_cfg["applications"][0]["deployments"]
+                            if d["name"] == LOADED)["autoscaling_config"]["max_replicas"]
+        marks["max_replicas"] = max_replicas
+        deploy_config(serve_cfg,
                       timeout_s=max(10.0, t0 + startup_s - time.monotonic()))
         marks["app_running"] = round(time.monotonic() - t0, 1)
 
@@ -327,6 +358,7 @@ def run(
             return row
 
         baseline = record("idle")
+        marks["placement"] = placement()
         load = Load(f"http://127.0.0.1:{port}/v1/detect/{LOADED}", test_image(),
                     clients=clients, max_requests=20_000)
         marks["load_start"] = round(time.monotonic() - t0, 1)
@@ -337,7 +369,7 @@ def run(
             time.sleep(1)
             row = record("load")
             scaled = (row["worker_nodes"] > baseline["worker_nodes"]
-                      and row["replicas"] >= SIM_AUTOSCALING["max_replicas"])
+                      and row["replicas"] >= max_replicas)
             held = held + 1 if scaled else 0
             if held >= 5:  # scaled out and serving there for 5 s: enough seen
                 break

@@ -28,8 +28,8 @@ def pod_footprint(pod_spec: dict[str, Any], extra: list[dict[str, Any]] = ()) ->
     return cpu, mem
 
 
-def cluster_footprint(manifest: dict[str, Any], extra_pods: dict[str, int]) -> tuple[float, int]:
-    """(cores, bytes) for the head and every worker group at minReplicas (+ `extra_pods`)."""
+def cluster_footprint(manifest: dict[str, Any], at: str = "maxReplicas") -> tuple[float, int]:
+    """(cores, bytes) for the head and every worker group at `at` (minReplicas/maxReplicas)."""
     rc = manifest["spec"]["rayClusterConfig"]
     autoscaler = []
     if rc.get("enableInTreeAutoscaling"):
@@ -37,7 +37,7 @@ def cluster_footprint(manifest: dict[str, Any], extra_pods: dict[str, int]) -> t
         autoscaler = [{"resources": (rc.get("autoscalerOptions") or {}).get("resources") or {}}]
     cpu, mem = pod_footprint(rc["headGroupSpec"]["template"]["spec"], autoscaler)
     for group in rc.get("workerGroupSpecs", []):
-        n = group.get("minReplicas", 0) + extra_pods.get(group["groupName"], 0)
+        n = group.get(at, 0)
         g_cpu, g_mem = pod_footprint(group["template"]["spec"])
         cpu += n * g_cpu
         mem += n * g_mem
@@ -45,9 +45,11 @@ def cluster_footprint(manifest: dict[str, Any], extra_pods: dict[str, int]) -> t
 
 
 def minikube_size(manifest: dict[str, Any], minikube: dict[str, Any]) -> tuple[int, int]:
-    """(CPUs, MiB) for `minikube start`: the cluster at minReplicas plus headroom and the
-    Kubernetes system pods, from the `minikube` section of kuberay/cluster.yaml."""
-    cpu, mem = cluster_footprint(manifest, minikube.get("headroomPods") or {})
+    """(CPUs, MiB) for `minikube start`: the cluster with every group at maxReplicas (the
+    minikube profile caps them to its budget) plus the Kubernetes system pods, from the
+    `minikube` section of kuberay/cluster.yaml. Nothing the autoscaler may add is then left
+    without room."""
+    cpu, mem = cluster_footprint(manifest, "maxReplicas")
     cpu += cpu_cores(minikube.get("systemCpus", 1))
     mem += memory_bytes(minikube.get("systemMemory", "2Gi"))
     return math.ceil(cpu - 1e-9), math.ceil(mem / 2**20)

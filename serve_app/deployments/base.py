@@ -7,6 +7,7 @@ raising `ServiceError` (4xx for the caller's mistakes, `Unavailable` 503 for mis
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -19,6 +20,7 @@ from serve_app.models import weights
 from serve_app.registry import MODELS
 
 log = logging.getLogger("ray.serve")
+REQUIRE_WEIGHTS_ENV = "VISIONSERVE_REQUIRE_WEIGHTS"
 
 
 class ModelDeployment:
@@ -89,8 +91,13 @@ class ModelDeployment:
         }
 
     def check_health(self) -> None:
-        # Missing weights are a 503 per request, not a reason for Serve to restart us.
-        return None
+        # Locally, missing weights are a 503 per request, not a reason for Serve to restart
+        # us. On KubeRay (REQUIRE_WEIGHTS_ENV=1, set by kuberay/generate.py) they make the
+        # replica unhealthy, so the RayService is not Ready until the weights Job is done.
+        if os.environ.get(REQUIRE_WEIGHTS_ENV) == "1":
+            missing = self.missing_weights()
+            if missing:
+                raise RuntimeError(f"{self.name}: weight file(s) {missing} missing")
 
 
 def _assigned_resources() -> dict[str, float]:
