@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -626,3 +627,54 @@ def test_minikube_tells_a_stale_manifest_from_an_import_error(tmp_path):
     broken = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
     assert broken.returncode == 1 and "cannot import" in broken.stderr
     assert "no_such_module_here" in broken.stderr and "make kuberay" not in broken.stderr
+
+
+_STUB = r"""#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$STUB_LOG"
+case "$(basename "$0") $*" in
+  "docker info --format"*) echo "16 68719476736" ;;
+  "minikube status"*) exit 1 ;;                      # not running yet
+  "minikube -p visionserve image build"*) ls -A > "$STUB_LOG.context" ;;
+  *'jsonpath={.status.conditions[?(@.type=="Ready")].status}'*) echo True ;;
+  *" port-forward "*)
+    port="${*: -1}"; port="${port%%:*}"
+    echo $$ > "$STUB_LOG.pf"; echo "Forwarding from 127.0.0.1:$port -> 8000"; exec sleep 60 ;;
+  "curl"*"/v1/detect/"*) echo '{"faces": []}' ;;
+esac
+exit 0
+"""
+
+
+def test_minikube_up_runs_against_stand_in_tools(tmp_path):
+    """`up` for real, with stand-ins for docker, minikube, helm, kubectl and curl: the kubelet
+    reservation from the host's size, the build context, /healthz through the port-forward
+    before the request, and the port-forward stopped when the script exits."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("docker", "minikube", "helm", "kubectl", "curl"):
+        (bin_dir / tool).write_text(_STUB)
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "HOME": str(tmp_path),
+           "TMPDIR": str(tmp_path), "WAIT_S": "30"}
+    result = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    cpus, mib = (int(x) for x in subprocess.run(
+        [sys.executable, "-m", "kuberay.generate", "--print-minikube-size"], cwd=REPO,
+        capture_output=True, text=True, check=True).stdout.split())
+    start = next(c for c in calls if c.startswith("minikube start"))
+    assert start == (f"minikube start -p visionserve --driver=docker --cpus={cpus} "
+                     f"--memory={mib}mb --extra-config=kubelet.system-reserved="
+                     f"cpu={(16 - cpus) * 1000}m,memory={65536 - mib}Mi")
+    context = set(Path(f"{log}.context").read_text().split())
+    assert context - {"README.md"} == {".dockerignore", "kuberay", "pyproject.toml", "serve_app"}
+    health = next(i for i, c in enumerate(calls) if c.startswith("curl") and "/healthz" in c)
+    detect = next(i for i, c in enumerate(calls) if c.startswith("curl") and "/v1/detect/" in c)
+    assert health < detect and ":8000/" not in calls[health]
+    pf_pid = int(Path(f"{log}.pf").read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{pf_pid}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pf_pid}").exists(), "port-forward left running"
