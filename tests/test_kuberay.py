@@ -678,3 +678,14 @@ def test_minikube_up_runs_against_stand_in_tools(tmp_path):
     while time.monotonic() < deadline and Path(f"/proc/{pf_pid}").exists():
         time.sleep(0.1)
     assert not Path(f"/proc/{pf_pid}").exists(), "port-forward left running"
+
+
+def test_serve_downscale_tie_reproduction():
+    """kuberay/downscale_tie.py: Ray Serve's own downscale choice keeps a replica on an added
+    node when it ties with a baseline node (the cause of a stuck scale-down; docs). Fails
+    when a Ray upgrade changes that: then the docs' note can go."""
+    from kuberay.downscale_tie import reproduce
+
+    assert reproduce() == {"stopped": ["detector-1", "detector-3", "detector-4"],
+                           "kept": ["detector-2"], "kept_on": ["C"],
+                           "nodes_still_busy": ["A", "B", "C"]}
