@@ -40,7 +40,7 @@ def cluster_serve_config(serve_cfg: dict[str, Any], cluster: dict[str, Any]) -> 
     unknown = sorted(set(overrides) - set(deps))
     if unknown:
         raise SizingError(f"kuberay/cluster.yaml serve.deployments: unknown {unknown}")
-    where = group_of(cluster)
+    where = group_of(cluster, list(deps))
     gpu = cluster.get("gpu") or {}
     gpus = gpu.get("numGpus") or {}
     merged = []
@@ -55,18 +55,31 @@ def cluster_serve_config(serve_cfg: dict[str, Any], cluster: dict[str, Any]) -> 
                 opts["num_cpus"] = gpu.get("numCpus", opts.get("num_cpus", 1))
         merged.append(new)
     app["deployments"] = merged
+    _default_graceful_shutdown(cfg)
     _check_graceful_shutdown(cfg)
     return cfg
 
 
+def _needed_s(cfg: dict[str, Any], name: str) -> float:
+    """How long a request to `name` may take: its model's timeout_s; the router and jobs hold
+    a request for as long as the slowest model takes."""
+    models = (cfg["applications"][0].get("args") or {}).get("models") or {}
+    if name in models:
+        return float(models[name].get("timeout_s", 60))
+    return max((float(m.get("timeout_s", 60)) for m in models.values()), default=0.0)
+
+
+def _default_graceful_shutdown(cfg: dict[str, Any]) -> None:
+    # A deployment the overlay does not name (e.g. a model added to config/serve.yaml since)
+    # still drains its longest request.
+    for dep in cfg["applications"][0]["deployments"]:
+        dep.setdefault("graceful_shutdown_timeout_s", int(_needed_s(cfg, dep["name"])) + 5)
+
+
 def _check_graceful_shutdown(cfg: dict[str, Any]) -> None:
-    app = cfg["applications"][0]
-    models = (app.get("args") or {}).get("models") or {}
-    longest = max((float(m.get("timeout_s", 60)) for m in models.values()), default=0.0)
-    for dep in app["deployments"]:
+    for dep in cfg["applications"][0]["deployments"]:
         name = dep["name"]
-        # The router and jobs hold a request for as long as the slowest model takes.
-        needed = float(models[name].get("timeout_s", 60)) if name in models else longest
+        needed = _needed_s(cfg, name)
         have = float(dep.get("graceful_shutdown_timeout_s", 20))  # Serve's default
         if have < needed:
             raise SizingError(

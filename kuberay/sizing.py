@@ -159,10 +159,17 @@ def fits(r: Replica, g: Group) -> bool:
     return selected and not r.custom and Pod(g).room_for(r)
 
 
-def group_of(cluster: dict[str, Any]) -> dict[str, str]:
-    """Deployment -> the worker group it runs on: `placement`, except that with the gpu group
+def group_of(cluster: dict[str, Any], names: list[str] | None = None) -> dict[str, str]:
+    """Deployment -> the worker group it runs on: `placement`, else by kind (`placement_by_kind`:
+    a model added to config/serve.yaml lands with its kind), except that with the gpu group
     enabled the deployments in `gpu.numGpus` run there."""
+    from serve_app.config import MODEL_KINDS
+
     out = dict(cluster.get("placement") or {})
+    by_kind = cluster.get("placementByKind") or {}
+    for name in names or ():
+        if name not in out and MODEL_KINDS.get(name) in by_kind:
+            out[name] = by_kind[MODEL_KINDS[name]]
     enabled = {g["name"] for g in cluster["workerGroups"] if g.get("enabled", True)}
     if "gpu" in enabled:
         for name in (cluster.get("gpu") or {}).get("numGpus") or {}:
@@ -173,7 +180,7 @@ def group_of(cluster: dict[str, Any]) -> dict[str, str]:
 def placement(cluster: dict[str, Any], reps: list[Replica], gs: list[Group]) -> dict[str, list]:
     """Deployment -> [its Group], checked complete (a list: pack() takes preferences)."""
     by_name = {g.name: g for g in gs}
-    declared = group_of(cluster)
+    declared = group_of(cluster, [r.name for r in reps])
     names = {r.name for r in reps}
     missing, extra = sorted(names - set(declared)), sorted(set(declared) - names)
     if missing or extra:

@@ -1,0 +1,65 @@
+"""On KubeRay a model whose weights are missing must keep the Serve app from RUNNING (so the
+RayService is not Ready), and the app must come up by itself once the weights Job has put the
+files in place. Real Ray Serve, the real pigo detector deployment, its real weight file from
+../shared (tests/conftest.py's session Ray; an application of its own, removed afterwards).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import PICO
+
+APP = "vs-weights-health"
+
+
+@pytest.mark.slow
+def test_missing_weights_keep_the_app_from_running_until_fetched(ray_session, tmp_path):
+    from ray import serve
+
+    from serve_app.deployments.base import REQUIRE_WEIGHTS_ENV
+    from serve_app.deployments.detectors import DETECTORS
+    from serve_app.models import weights
+
+    if not (PICO / "facefinder").exists():
+        pytest.skip(f"{PICO}/facefinder is absent: the shared test data is not here")
+    model_dir = tmp_path / "models"  # the weights volume, still empty
+    model_dir.mkdir()
+    detector = DETECTORS["face-detect-pigo"].options(
+        name="face-detect-pigo",
+        health_check_period_s=1,
+        health_check_timeout_s=10,
+        # What kuberay/generate.py sets on the worker pods.
+        ray_actor_options={"num_cpus": 0.1,
+                           "runtime_env": {"env_vars": {REQUIRE_WEIGHTS_ENV: "1"}}},
+    )
+    app = detector.bind("face-detect-pigo", {"weights": "facefinder"}, str(model_dir), 10**6)
+    # Not serve.run: it would wait for RUNNING, which is what must not happen yet.
+    from ray.serve.api import _run
+
+    _run(app, name=APP, route_prefix=f"/{APP}", _blocking=False)
+    try:
+        seen = set()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(APP)
+            if status is not None:
+                seen.add(str(status.status))
+                assert status.status != "RUNNING", "RUNNING without its weights"
+            time.sleep(1)
+        assert seen, "the application never appeared"
+
+        # The Job fills the volume: the next replica passes its health check.
+        weights.fetch(["facefinder"], model_dir=model_dir, from_dir=PICO, progress=False)
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(APP)
+            if status is not None and status.status == "RUNNING":
+                break
+            time.sleep(1)
+        assert status is not None and status.status == "RUNNING", (seen, status)
+    finally:
+        serve.delete(APP)
