@@ -443,13 +443,23 @@ def test_missing_weights_fail_the_health_check_only_when_required(tmp_path, monk
         def required_weights(self) -> list[str]:
             return ["sam_vit_h"]
 
-    replica = NeedsVitH("sam-vit-h", {}, str(tmp_path), 10**6)
     monkeypatch.delenv(REQUIRE_WEIGHTS_ENV, raising=False)
+    replica = NeedsVitH("sam-vit-h", {}, str(tmp_path), 10**6)
     replica.check_health()  # locally: a 503 per request, not a restart
     monkeypatch.setenv(REQUIRE_WEIGHTS_ENV, "1")
     with pytest.raises(RuntimeError, match="sam_vit_h"):
         replica.check_health()
     assert REQUIRE_WEIGHTS_ENV == gen.REQUIRE_WEIGHTS_ENV
+
+
+def test_replica_start_waits_for_the_weights():
+    """With REQUIRE_WEIGHTS_ENV a replica's start blocks until its files are there (the real
+    wait inside Serve: tests/test_weights_health.py)."""
+    from serve_app.deployments.base import _wait_for
+
+    answers = [["sam_vit_h"], ["sam_vit_h"], []]
+    _wait_for(lambda: answers.pop(0), "sam-vit-h", poll_s=0.01)
+    assert answers == []
 
 
 # -- image -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import cv2
@@ -37,6 +38,8 @@ class ModelDeployment:
         cv2.setNumThreads(self.threads)
         self.model: Any = None
         self._load_lock = threading.Lock()
+        if os.environ.get(REQUIRE_WEIGHTS_ENV) == "1":
+            _wait_for(self.missing_weights, self.name)
         self._try_load()
 
     # -- to override -------------------------------------------------------------------
@@ -92,12 +95,26 @@ class ModelDeployment:
 
     def check_health(self) -> None:
         # Locally, missing weights are a 503 per request, not a reason for Serve to restart
-        # us. On KubeRay (REQUIRE_WEIGHTS_ENV=1, set by kuberay/generate.py) they make the
-        # replica unhealthy, so the RayService is not Ready until the weights Job is done.
+        # us. On KubeRay (REQUIRE_WEIGHTS_ENV=1, set by kuberay/generate.py) the replica
+        # waits for them before it starts (above), and files gone since make it unhealthy.
         if os.environ.get(REQUIRE_WEIGHTS_ENV) == "1":
             missing = self.missing_weights()
             if missing:
                 raise RuntimeError(f"{self.name}: weight file(s) {missing} missing")
+
+
+def _wait_for(missing: Any, name: str, poll_s: float = 5.0) -> None:
+    """Block the replica's start until `missing()` is empty. On KubeRay the weights Job may
+    still be filling the volume: the replica stays STARTING and the RayService not Ready. Not a
+    failing check: Serve counts a failing first health check as a start failure and, after 3,
+    marks the app DEPLOY_FAILED for good (tests/test_weights_health.py found that)."""
+    waited = 0.0
+    while files := missing():
+        if waited % 60 == 0:
+            log.warning("%s: waiting for weight file(s) %s (the weights Job fills MODEL_DIR)",
+                        name, files)
+        time.sleep(poll_s)
+        waited += poll_s
 
 
 def _assigned_resources() -> dict[str, float]:
