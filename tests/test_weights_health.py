@@ -1,7 +1,7 @@
 """On KubeRay a model whose weights are missing must keep the Serve app from RUNNING (so the
 RayService is not Ready), and the app must come up by itself once the weights Job has put the
 files in place. Real Ray Serve, the real pigo detector deployment, its real weight file from
-../shared (tests/conftest.py's session Ray; an application of its own, removed afterwards).
+../shared (tests/conftest.py's session Serve; an application of its own, removed afterwards).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ APP = "vs-weights-health"
 
 
 @pytest.mark.slow
-def test_missing_weights_keep_the_app_from_running_until_fetched(ray_session, tmp_path):
+def test_missing_weights_keep_the_app_from_running_until_fetched(service, tmp_path):
+    # `service`, not just `ray_session`: Serve must already run with the session's HTTP
+    # options (started here first, it would take the default port 8000 for every test after).
     from ray import serve
 
     from serve_app.deployments.base import REQUIRE_WEIGHTS_ENV
