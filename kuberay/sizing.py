@@ -163,13 +163,13 @@ def group_of(cluster: dict[str, Any], names: list[str] | None = None) -> dict[st
     """Deployment -> the worker group it runs on: `placement`, else by kind (`placement_by_kind`:
     a model added to config/serve.yaml lands with its kind), except that with the gpu group
     enabled the deployments in `gpu.numGpus` run there."""
-    from serve_app.config import MODEL_KINDS
+    from serve_app.registry import MODELS
 
     out = dict(cluster.get("placement") or {})
     by_kind = cluster.get("placementByKind") or {}
     for name in names or ():
-        if name not in out and MODEL_KINDS.get(name) in by_kind:
-            out[name] = by_kind[MODEL_KINDS[name]]
+        if name not in out and name in MODELS and MODELS[name].kind in by_kind:
+            out[name] = by_kind[MODELS[name].kind]
     enabled = {g["name"] for g in cluster["workerGroups"] if g.get("enabled", True)}
     if "gpu" in enabled:
         for name in (cluster.get("gpu") or {}).get("numGpus") or {}:

@@ -437,14 +437,13 @@ def test_ray_pods_mount_the_weights_read_only_and_download_nothing(manifest, job
 def test_missing_weights_fail_the_health_check_only_when_required(tmp_path, monkeypatch):
     from serve_app.deployments.base import REQUIRE_WEIGHTS_ENV, ModelDeployment
 
-    class NeedsVitH(ModelDeployment):
-        KIND = "segmenter"
-
-        def required_weights(self) -> list[str]:
-            return ["sam_vit_h"]
+    class NeedsVitH(ModelDeployment):  # the registry says which files sam-vit-h needs
+        def load(self) -> None:
+            raise AssertionError("never loaded: its weights are missing")
 
     monkeypatch.delenv(REQUIRE_WEIGHTS_ENV, raising=False)
-    replica = NeedsVitH("sam-vit-h", {}, str(tmp_path), 10**6)
+    options = {"variant": "vit_h", "weights": "sam_vit_h"}
+    replica = NeedsVitH("sam-vit-h", options, str(tmp_path), 10**6)
     replica.check_health()  # locally: a 503 per request, not a restart
     monkeypatch.setenv(REQUIRE_WEIGHTS_ENV, "1")
     with pytest.raises(RuntimeError, match="sam_vit_h"):

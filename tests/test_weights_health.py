@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import PICO
+from helpers import PICO
 
 APP = "vs-weights-health"
 
@@ -22,14 +22,14 @@ def test_missing_weights_keep_the_app_from_running_until_fetched(service, tmp_pa
     from ray import serve
 
     from serve_app.deployments.base import REQUIRE_WEIGHTS_ENV
-    from serve_app.deployments.detectors import DETECTORS
     from serve_app.models import weights
+    from serve_app.registry import MODELS
 
     if not (PICO / "facefinder").exists():
         pytest.skip(f"{PICO}/facefinder is absent: the shared test data is not here")
     model_dir = tmp_path / "models"  # the weights volume, still empty
     model_dir.mkdir()
-    detector = DETECTORS["face-detect-pigo"].options(
+    detector = MODELS["face-detect-pigo"].deployment_class().options(
         name="face-detect-pigo",
         health_check_period_s=1,
         health_check_timeout_s=10,
