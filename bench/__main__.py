@@ -11,6 +11,10 @@ BENCHES = [
     ("detectors: in-process vs HTTP", [sys.executable, "-m", "bench.detectors"]),
     ("Pico vs Haar on truck.jpg", [sys.executable, "bench/pico_vs_haar.py"]),
     (
+        "face detectors' accuracy on faces-dev (own service)",
+        [sys.executable, "-m", "bench.accuracy", "--model", "all", "--serve"],
+    ),
+    (
         "SAM: fast vs reference generator, memory, prompt cache",
         [sys.executable, "bench/sam_bench.py", *sys.argv[1:]],
     ),

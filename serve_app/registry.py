@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 ModelKind = Literal["detector", "segmenter"]
 
@@ -46,6 +46,17 @@ class CnnOptions(BaseOptions):
     blob_sizes: list[int] = [600, 300]
     min_inside: float = 0.8  # share of a box's area that must lie inside the image
     confidence: float = 0.85
+
+
+class YuNetOptions(BaseOptions):
+    weights: Literal["yunet_n", "yunet_s"] = "yunet_n"
+    score_threshold: float = Field(0.7, gt=0, le=1)
+    nms_threshold: float = Field(0.3, gt=0, lt=1)
+    max_side: int = Field(1280, ge=64)  # the main pass's longer side (models/yunet.py)
+    large_side: int = Field(320, ge=64)
+    small_scale: float = Field(2.0, gt=1, le=4)
+    # Pixels one request may make the model look at, all passes together (its CPU time).
+    max_work_pixels: int = Field(24_000_000, gt=0)
 
 
 class SamOptions(BaseOptions):
@@ -103,7 +114,7 @@ def _sam_weights(o: SamOptions) -> list[str]:
 _DETECTORS = "serve_app.deployments.detectors"
 _SAM = "serve_app.deployments.segmenters:SamDeployment"
 
-# The function names of the OpenFaaS setup this replaces, plus the two new SAM variants.
+# The function names of the OpenFaaS setup this replaces, plus YuNet and two new SAM variants.
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -133,6 +144,13 @@ MODELS: dict[str, ModelSpec] = {
             f"{_DETECTORS}:CnnDetector",
             CnnOptions,
             lambda o: [o.weights, o.prototxt],
+        ),
+        ModelSpec(
+            "yunet-face-detection",
+            "detector",
+            f"{_DETECTORS}:YuNetDetector",
+            YuNetOptions,
+            lambda o: [o.weights],
         ),
         ModelSpec("sam-segmentation-light", "segmenter", _SAM, SamOptions, _sam_weights),
         ModelSpec("sam-segmentation", "segmenter", _SAM, SamOptions, _sam_weights),

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import IMAGES, PICO, REPO, TEST_IMAGE_HOST, TEST_LIMITS
+from helpers import IMAGES, PICO, REPO, TEST_IMAGE_HOST, TEST_LIMITS, YUNET
 
 # Tests using any of these run against the real Ray + Serve service: marked `service`, so that
 # `make test-fast` (-m "not slow and not service") runs the unit tests without starting Ray.
@@ -29,12 +29,18 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """A model dir holding what can be installed here: pigo's facefinder from ../shared."""
+    """A model dir holding what can be installed here: pigo's facefinder and the YuNet files
+    from ../shared."""
     from serve_app.models import weights
 
     path = tmp_path_factory.mktemp("models")
     if (PICO / "facefinder").exists():
         weights.fetch(["facefinder"], model_dir=path, from_dir=PICO, progress=False)
+    if YUNET.is_dir():
+        weights.fetch(
+            ["yunet_n", "yunet_s"], model_dir=path, from_dir=YUNET, progress=False,
+            skip_missing=True,
+        )
     return path
 
 

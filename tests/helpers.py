@@ -6,15 +6,18 @@ loads itself and no test imports.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+# ../shared/data beside the checkout; VISIONSERVE_SHARED_DATA points elsewhere (a worktree).
+SHARED = Path(os.environ.get("VISIONSERVE_SHARED_DATA") or REPO.parent / "shared" / "data")
 IMAGES = SHARED / "images"
 PICO = SHARED / "pico"
+YUNET = SHARED / "yunet"
 TEST_IMAGE_HOST = "127.0.0.2"  # the only address the test service may fetch from
 APP = "visionserve"
 TEST_LIMITS = {

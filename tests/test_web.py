@@ -154,3 +154,18 @@ def test_sam_prompted_by_a_click_then_automatic_with_progress(page, sample, sam_
     assert "(automatic)" in page.text_content("#summary")
     assert any("/v1/jobs/" in u for u in page.requests)
     assert page.get_attribute("#download", "download") == f"pigo_sample-{SAM_LIGHT}.png"
+
+
+def test_yunet_is_the_default_and_blur_shows_the_services_picture(page, sample):
+    assert page.input_value("#model") == "yunet-face-detection"
+    assert page.input_value("#param-draw") == "box"  # a choice, listed for every detector
+    page.set_input_files("#file", str(sample))
+    page.wait_for_function("document.getElementById('original-image').naturalWidth > 0")
+    run_and_wait(page)
+    assert page.text_content("#summary") == "1 face found"
+    assert "5 landmarks" in page.text_content("#items li")
+    page.select_option("#param-draw", "blur")
+    run_and_wait(page)
+    # Hidden faces are the service's rendering: JSON for the list, then its JPEG.
+    runs = [u.rsplit("?", 1)[-1] for u in page.requests if "/v1/detect/" in u]
+    assert runs == ["format=json", "format=json", "format=jpeg"]

@@ -4,6 +4,8 @@ visionserve                                   # interactive, like the seed's pro
 visionserve models
 visionserve detect cnn-face-detection face.jpg -o boxes.jpg
 visionserve detect face-detect-pigo https://example.com/face.jpg --json
+visionserve detect yunet-face-detection crowd.jpg --param small_faces=true -o faces.jpg
+visionserve detect yunet-face-detection crowd.jpg --param draw=blur -o blurred.jpg
 visionserve segment sam-mobile dog.jpg -o masks.png              # automatic, with progress
 visionserve segment sam-mobile dog.jpg --points 120,80 --labels 1 -o dog-masks.png
 """

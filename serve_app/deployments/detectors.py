@@ -1,4 +1,4 @@
-"""The four face-detection deployments: one Serve deployment class per detector.
+"""The face-detection deployments: one Serve deployment class per detector.
 
 Each replica decodes the image bytes it is sent (decoding is the heavy part of a request
 and so scales with the model's replicas, not with the router), runs its model and renders
@@ -22,20 +22,27 @@ from serve_app.errors import ServiceError
 from serve_app.inputs.decode import decode_image
 from serve_app.models import weights
 from serve_app.models.types import Detection
-from serve_app.rendering.boxes import draw_boxes
 from serve_app.rendering.encode import MEDIA_TYPES, encode_image
+from serve_app.rendering.faces import DRAW_MODES, render_faces
 
 OUTPUTS = ("json", "jpeg", "png", "base64")
 
 
 class DetectorDeployment(ModelDeployment):
     PARAMS: ClassVar[dict[str, Param]]
+    # How an image answer shows the faces; the model never sees these.
+    RENDER_PARAMS: ClassVar[dict[str, Param]] = {
+        "draw": Param(
+            str, "box", help="image answers: box the faces, or hide them", choices=DRAW_MODES
+        ),
+    }
 
     def run(self, model: Any, image_bgr, params: dict[str, Any]) -> list[Detection]:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"parameters": {k: p.describe() for k, p in self.PARAMS.items()}}
+        specs = {**self.PARAMS, **self.RENDER_PARAMS}
+        return {"parameters": {k: p.describe() for k, p in specs.items()}}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # OpenCV's dnn.Net and CascadeClassifier keep per-call state, so one model instance
@@ -48,7 +55,7 @@ class DetectorDeployment(ModelDeployment):
     ) -> dict[str, Any]:
         if output not in OUTPUTS:
             raise ServiceError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
-        p = parse_params(self.PARAMS, params)
+        p = parse_params({**self.PARAMS, **self.RENDER_PARAMS}, params)
         model = self.ready_model()
         # The model runs in a worker thread so the replica's event loop keeps answering
         # health checks and queueing the next request meanwhile.
@@ -60,8 +67,9 @@ class DetectorDeployment(ModelDeployment):
         t0 = time.perf_counter()
         image = decode_image(data, max_pixels=self.max_pixels)
         t1 = time.perf_counter()
+        model_params = {k: p[k] for k in self.PARAMS}
         with self._model_lock:
-            faces = self.run(model, image, p)
+            faces = self.run(model, image, model_params)
         t2 = time.perf_counter()
         result: dict[str, Any] = {
             "model": self.name,
@@ -70,11 +78,14 @@ class DetectorDeployment(ModelDeployment):
             "height": int(image.shape[0]),
             "count": len(faces),
             "faces": [f.as_dict() for f in faces],
-            "parameters": p,
+            "parameters": model_params,  # what the model ran with (not how it was drawn)
         }
         if output != "json":
             fmt = "jpeg" if output == "base64" else output
-            encoded = encode_image(draw_boxes(image, faces, self.spec.box_bgr()), fmt)
+            drawn = render_faces(
+                image, faces, p["draw"], self.spec.box_bgr(), landmarks=p.get("landmarks", False)
+            )
+            encoded = encode_image(drawn, fmt)
             if output == "base64":
                 result["image_base64"] = base64.b64encode(encoded).decode("ascii")
             else:
@@ -183,3 +194,62 @@ class CnnDetector(DetectorDeployment):
 
     def run(self, model, image_bgr, params):
         return model.detect(image_bgr, confidence=params["confidence"])
+
+
+@serve.deployment
+class YuNetDetector(DetectorDeployment):
+    """YuNet (libfacedetection) via cv2.FaceDetectorYN: multi-scale, five landmarks a face."""
+
+    PARAMS: ClassVar[dict[str, Param]] = {}
+    RENDER_PARAMS = {
+        **DetectorDeployment.RENDER_PARAMS,
+        "landmarks": Param(bool, True, help="draw=box: mark eyes, nose tip and mouth corners"),
+    }
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        o = self.options
+        # Instance-level so the configured defaults show in /v1/models and in answers.
+        self.PARAMS = {
+            "score_threshold": Param(float, o.score_threshold, 0.05, 1.0, "minimum face score"),
+            "nms_threshold": Param(
+                float, o.nms_threshold, 0.05, 0.95, "overlap above which two boxes are one face"
+            ),
+            "small_faces": Param(
+                bool, False, help="also look for faces under ~20 px (an upscaled pass, slower)"
+            ),
+            "max_side": Param(
+                int, o.max_side, 64, 8192, "longer side the main pass scales large images to"
+            ),
+        }
+
+    def load(self):
+        from serve_app.models.yunet import YuNet
+
+        return YuNet(weights.find(self.options.weights, self.model_dir))
+
+    def run(self, model, image_bgr, params):
+        from serve_app.models.yunet import PlanSettings, plan, work_pixels
+
+        h, w = image_bgr.shape[:2]
+        settings = PlanSettings(
+            params["max_side"], self.options.large_side, self.options.small_scale
+        )
+        passes = plan(w, h, small_faces=params["small_faces"], settings=settings)
+        work, budget = work_pixels(passes), self.options.max_work_pixels
+        if work > budget:
+            raise ServiceError(
+                422,
+                "over_work_budget",
+                f"max_side={params['max_side']}, small_faces={params['small_faces']} on a "
+                f"{w}x{h} image would make the model look at {work / 1e6:.1f} MP, over this "
+                f"service's work budget of {budget / 1e6:.1f} MP "
+                f"(args.models.{self.name}.options.max_work_pixels); lower max_side or turn "
+                f"small_faces off",
+            )
+        return model.detect(
+            image_bgr,
+            passes,
+            score_threshold=params["score_threshold"],
+            nms_threshold=params["nms_threshold"],
+        )

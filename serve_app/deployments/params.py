@@ -11,23 +11,34 @@ from serve_app.errors import ServiceError
 
 @dataclass(frozen=True)
 class Param:
-    type: type  # int, float or bool
+    type: type  # int, float, bool or str (str: one of `choices`)
     default: Any
     lo: float | None = None
     hi: float | None = None
     help: str = ""
+    choices: tuple[str, ...] | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "type": self.type.__name__,
             "default": self.default,
             "min": self.lo,
             "max": self.hi,
             "help": self.help,
         }
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        return out
 
 
 def _convert(name: str, spec: Param, raw: Any) -> Any:
+    if spec.type is str:
+        value = str(raw).strip().lower()
+        if spec.choices is not None and value not in spec.choices:
+            raise ServiceError(
+                422, "bad_parameter", f"{name}: expected one of {list(spec.choices)}, got {raw!r}"
+            )
+        return value
     if spec.type is bool:
         if isinstance(raw, bool):
             return raw

@@ -17,3 +17,16 @@ class Detection:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LandmarkDetection(Detection):
+    """A face box plus five landmarks: right eye, left eye, nose tip, right and left mouth
+    corner (the subject's right/left, as YuNet orders them), each [x, y] in image pixels."""
+
+    landmarks: tuple[tuple[float, float], ...] = ()
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["landmarks"] = [[round(x, 1), round(y, 1)] for x, y in self.landmarks]
+        return out

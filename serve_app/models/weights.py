@@ -70,6 +70,11 @@ class WeightFile:
 #   test-data downloader / mexopencv give for opencv 3.4.0's file) and the sha256 below, which
 #   is also published for the 4.0.1 URL used here. opencv 4.x master has since changed the file
 #   (sha256 dcd661dc...), hence the pinned tag.
+# yunet_n, yunet_s: shared/data/SOURCES.txt and issue 10 (files of libfacedetection.train at the
+#   pinned commit). yunet_s is byte-identical to OpenCV Zoo's face_detection_yunet_2023mar.onnx
+#   (its file name here, so an OpenCV Zoo copy installs with --from); it is fetched from the
+#   same pinned libfacedetection.train commit as yunet_n, a stable raw URL (OpenCV Zoo keeps its
+#   files in Git LFS, whose raw URLs answer a pointer file).
 # SAM vit_b/vit_l/vit_h and mobile_sam: computational-cell-analytics/micro-sam
 #   (micro_sam/util.py, pooch registry), agreeing with other projects (3D Slicer
 #   SlicerSegmentWithSAM, pytorch/executorch's MobileSAM example at the same MobileSAM commit).
@@ -78,6 +83,10 @@ class WeightFile:
 #   (01ec64d2..., 0b319550..., 4b8939a8...), not of its sha256.
 
 _SAM_BASE = "https://dl.fbaipublicfiles.com/segment_anything"
+_YUNET_BASE = (
+    "https://raw.githubusercontent.com/ShiqiYu/libfacedetection.train/"
+    "0047ac24afb1a50a0c6105001c89d1b5b805dbf1/onnx"
+)
 _SAM_LICENCE = "Apache-2.0 (facebookresearch/segment-anything)"
 
 _SAM_SHA256 = {
@@ -143,6 +152,26 @@ REGISTRY: dict[str, WeightFile] = {
                 ("34d850436faf158ca4e690533ba27c1decf29653559299d80db9274146332ca7", 29_881),
             ),
         ),
+        WeightFile(
+            name="yunet_n",
+            filename="yunet_n_640_640.onnx",
+            url=f"{_YUNET_BASE}/yunet_n_640_640.onnx",
+            sha256="25a606a145a5b6d7271ae138fbd00eba91dad8b83222ae3f2c7ecd0f4a7b0e31",
+            sha256_prefix=None,
+            size=317_466,
+            licence="Apache-2.0 (ShiqiYu/libfacedetection.train)",
+            used_by=("face detection: yunet",),
+        ),
+        WeightFile(
+            name="yunet_s",
+            filename="face_detection_yunet_2023mar.onnx",
+            url=f"{_YUNET_BASE}/yunet_s_640_640.onnx",
+            sha256="8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4",
+            sha256_prefix=None,
+            size=232_589,
+            licence="MIT (opencv/opencv_zoo); Apache-2.0 (libfacedetection.train)",
+            used_by=("face detection: yunet (yunet_s option)",),
+        ),
         _sam("vit_b", "01ec64", 375_042_383),
         _sam("vit_l", "0b3195", 1_249_524_607),
         _sam("vit_h", "4b8939", 2_564_550_879),
@@ -167,6 +196,7 @@ DEFAULT_SET: tuple[str, ...] = (
     "facefinder",
     "res10_ssd",
     "res10_prototxt",
+    "yunet_n",
     "sam_vit_b",
     "mobile_sam",
 )

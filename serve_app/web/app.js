@@ -9,7 +9,10 @@ const POLL_MS = 300;             // job status polling interval
 const ORIGINAL_WAIT_MS = 5000;   // how long a run waits for the browser's copy of the image
 const MASK_ALPHA = 0.4;
 // Shown open; the rest of a model's parameters go under "More parameters".
-const MAIN_PARAMS = ["confidence", "points_per_side"];
+const MAIN_PARAMS = ["confidence", "score_threshold", "small_faces", "draw", "points_per_side"];
+// The page's default model, when ready: the most accurate detector; then the seed's CNN.
+const DEFAULT_MODELS = ["yunet-face-detection", "cnn-face-detection"];
+const LANDMARK_COLORS = ["#2060ff", "#2060ff", "#ff2020", "#ffd000", "#ffd000"];
 const KIND_LABELS = { detector: "Face detection", segmenter: "Segment Anything" };
 
 const $ = (id) => document.getElementById(id);
@@ -138,8 +141,7 @@ async function loadModels() {
   const ready = state.models.filter((m) => m.status === "ready").map((m) => m.name);
   const names = state.models.map((m) => m.name);
   select.value = names.includes(previous) ? previous
-    : ready.includes("cnn-face-detection") ? "cnn-face-detection"
-      : (ready[0] || names[0] || "");
+    : (DEFAULT_MODELS.find((n) => ready.includes(n)) || ready[0] || names[0] || "");
   select.disabled = false;
   $("run").disabled = state.models.length === 0;
   hideError();
@@ -203,10 +205,13 @@ function paramField(name, spec) {
   const label = document.createElement("label");
   label.htmlFor = `param-${name}`;
   label.textContent = name.replaceAll("_", " ");
-  const input = document.createElement("input");
+  const input = document.createElement(spec.choices ? "select" : "input");
   input.id = `param-${name}`;
   input.dataset.param = name;
-  if (spec.type === "bool") {
+  if (spec.choices) {
+    input.append(...spec.choices.map((c) => new Option(c, c)));
+    input.value = spec.default;
+  } else if (spec.type === "bool") {
     input.type = "checkbox";
     input.checked = Boolean(spec.default);
   } else {
@@ -231,7 +236,7 @@ function paramField(name, spec) {
 // Values as text: the service validates and converts them (and answers 422 with a detail).
 function collectParams() {
   const params = {};
-  for (const input of $("params").querySelectorAll("input[data-param]")) {
+  for (const input of $("params").querySelectorAll("[data-param]")) {
     if (input.type === "checkbox") {
       params[input.dataset.param] = input.checked ? "true" : "false";
     } else if (input.value.trim() !== "") {
@@ -371,8 +376,10 @@ function drawPoints() {
 }
 
 // -- drawing the answer ----------------------------------------------------------------
-async function renderLocally(model, data) {
+async function renderLocally(model, data, params) {
   if (!state.original) return null;
+  // Blurred or pixelated faces: the service's picture is the one to show and download.
+  if (params.draw && params.draw !== "box") return null;
   const timeout = sleep(ORIGINAL_WAIT_MS).then(() => null);
   const original = await Promise.race([state.original.catch(() => null), timeout]);
   if (!original || !original.drawable) return null;
@@ -386,6 +393,7 @@ async function renderLocally(model, data) {
   ctx.drawImage(img, 0, 0);
   if (model.kind === "detector") {
     drawBoxes(ctx, data, model.box_color);  // the colour the service draws, from /v1/models
+    if (params.landmarks !== "false") drawLandmarks(ctx, data);
   } else {
     drawMasks(ctx, data);
   }
@@ -394,6 +402,19 @@ async function renderLocally(model, data) {
     return await new Promise((resolve) => canvas.toBlob(resolve, type, 0.92));
   } catch (_) {
     return null;  // tainted canvas: let the service render it
+  }
+}
+
+// Eyes, nose tip and mouth corners, for models that give them (YuNet).
+function drawLandmarks(ctx, data) {
+  for (const face of data.faces) {
+    const radius = Math.max(2, Math.round(Math.max(face.w, face.h) / 40));
+    (face.landmarks || []).forEach(([x, y], i) => {
+      ctx.fillStyle = LANDMARK_COLORS[i];
+      ctx.beginPath();
+      ctx.arc(x, y, radius, 0, 2 * Math.PI);
+      ctx.fill();
+    });
   }
 }
 
@@ -516,7 +537,8 @@ async function showResult(model, data, picture) {
   if (model.kind === "detector") {
     $("summary").textContent = `${plural(data.count, "face")} found`;
     items.replaceChildren(...data.faces.map((f) => listItem(
-      `x ${f.x}, y ${f.y}, ${f.w} × ${f.h} px — score ${f.score.toFixed(3)}`)));
+      `x ${f.x}, y ${f.y}, ${f.w} × ${f.h} px — score ${f.score.toFixed(3)}` +
+      (f.landmarks ? `, ${f.landmarks.length} landmarks` : ""))));
   } else {
     const mode = data.mode ? ` (${data.mode})` : "";
     $("summary").textContent = `${plural(data.count, "mask")}${mode}`;
@@ -606,7 +628,7 @@ async function run(event) {
   setBusy(true, route === "job" ? `Queued ${model.name}…` : `Running ${model.name}…`);
   try {
     const data = await fetchAnswer(model.name, route, params, "json");
-    const picture = await renderLocally(model, data) || await fetchAnswer(
+    const picture = await renderLocally(model, data, params) || await fetchAnswer(
       model.name, route, params, model.kind === "detector" ? "jpeg" : "png");
     await showResult(model, data, picture);
     setState("done");
