@@ -176,7 +176,9 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize(
-    "model", ["face-detect-opencv", "basic-face-detection", CNN, "face-detect-pigo"]
+    "model",
+    ["face-detect-opencv", "basic-face-detection", CNN, "face-detect-pigo",
+     "yunet-face-detection"],  # cv2.FaceDetectorYN keeps per-input-size state too
 )
 def test_concurrent_calls_share_one_model_safely(model_dir, model):
     """A replica's concurrent requests share its model object: answers stay right, no crash.
