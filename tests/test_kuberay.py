@@ -181,10 +181,10 @@ def test_ray_autoscaler_reads_the_groups_and_limits(manifest, cluster):
         assert t["resources"]["memory"] == g.ray_memory
         assert t["labels"] == {"visionserve.io/group": name}
     # What docs/kubernetes.md states.
-    assert (types["cpu"]["min_workers"], types["cpu"]["max_workers"]) == (3, 10)
+    assert (types["cpu"]["min_workers"], types["cpu"]["max_workers"]) == (4, 12)
     assert (types["sam"]["min_workers"], types["sam"]["max_workers"]) == (1, 4)
     assert types["cpu"]["resources"]["CPU"] == 2 and types["sam"]["resources"]["CPU"] == 5
-    assert config["max_workers"] == 14
+    assert config["max_workers"] == 16
     assert config["idle_timeout_minutes"] == 1.0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from helpers import PICO
 
 APP = "vs-weights-health"
