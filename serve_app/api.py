@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.access import RequestObserver
 from serve_app.auth import ApiKeyMiddleware
 from serve_app.errors import ServiceError, request_id
 from serve_app.openfaas import InvocationCounter
@@ -32,6 +33,7 @@ api = FastAPI(
 # refused (and leaves that uncounted).
 api.add_middleware(ApiKeyMiddleware)
 api.add_middleware(InvocationCounter)
+api.add_middleware(RequestObserver)  # outermost: metrics and the access log see every answer
 
 
 def error_response(request: Request, err: ServiceError) -> JSONResponse:

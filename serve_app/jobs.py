@@ -17,6 +17,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import metrics
 from serve_app.callbacks import post_callback
 from serve_app.calls import call_model
 from serve_app.config import AppSettings
@@ -67,6 +68,7 @@ class JobManager:
             request_id=request_id(),
         )
         self.jobs[job.id] = job
+        metrics.watch_jobs(lambda: list(self.jobs.values()))
         task = asyncio.create_task(self._run(job, data, params, filename))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -108,6 +110,7 @@ class JobManager:
             )
         finally:
             job.finished = time.time()
+        metrics.record_job(job)
         if job.callback_url:
             job.callback_status = await post_callback(job, self.settings)
 

@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import openfaas
+from serve_app.access import observe_model_call
 from serve_app.api import api
 from serve_app.auth import configure_auth
 from serve_app.calls import call_model
@@ -80,6 +81,7 @@ class Router:
             max_redirects=lim.fetch_max_redirects,
         )
 
+    @observe_model_call
     async def _call(self, name: str, method: str, *args: Any) -> Any:
         """Call a model under the shared call policy (timeout, overload, one retry)."""
         handle = getattr(self._handle(name), method)

@@ -90,7 +90,15 @@ SAM_TEST_MODELS: dict = {
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def metrics_port() -> int:
+    """Ray's Prometheus endpoint for the session: http://127.0.0.1:<port>/metrics."""
+    from serve_app.launch import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_session(metrics_port):
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="vs-ray-")
@@ -101,6 +109,10 @@ def ray_session():
         _temp_dir=temp_dir,
         namespace="serve",
         log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        # Processes push metrics to the agent every 2 s instead of 10 s: metrics tests
+        # wait for them (with a deadline), and nothing else depends on the interval.
+        _system_config={"metrics_report_interval_ms": 2000},
         # A key exported in the developer's shell must not turn the session service into
         # 401s everywhere (the CLI reads the same variable).
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "VISIONSERVE_API_KEY": ""}},

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 from ray import serve
 
+from serve_app import metrics
 from serve_app.deployments.base import ModelDeployment
 from serve_app.deployments.params import Param, parse_params
 from serve_app.errors import ServiceError
@@ -98,6 +99,7 @@ class DetectorDeployment(ModelDeployment):
             "render": round((t3 - t2) * 1e3, 2),
             "total": round((t3 - t0) * 1e3, 2),
         }
+        metrics.record_answer(self.name, self.spec.kind, result)
         return result
 
 

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from ray import serve
 
+from serve_app import metrics
 from serve_app.deployments.base import ModelDeployment
 from serve_app.deployments.params import Param, parse_params
 from serve_app.errors import ServiceError
@@ -128,6 +129,7 @@ class SamSegmenter(ModelDeployment):
         t2 = time.perf_counter()
         result = self._render(image, masks, p, output, filename, "automatic")
         result["timing_ms"] = _timing(t0, t1, t2, time.perf_counter())
+        metrics.record_answer(self.name, self.spec.kind, result)
         return result
 
     # -- prompted masks ----------------------------------------------------------------
@@ -157,6 +159,7 @@ class SamSegmenter(ModelDeployment):
         result = self._render(image, masks, p, output, filename, "prompted")
         result["cached_embedding"] = bool(getattr(self.prompted, "last_hit", False))
         result["timing_ms"] = _timing(t0, t1, t2, time.perf_counter())
+        metrics.record_answer(self.name, self.spec.kind, result)
         return result
 
     # -- rendering ---------------------------------------------------------------------

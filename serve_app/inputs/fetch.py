@@ -39,6 +39,7 @@ from serve_app.inputs.addresses import (
     show,
 )
 from serve_app.inputs.imageinfo import SNIFF_PREFIX_BYTES, sniff
+from serve_app.metrics import observe_fetch
 
 _T = TypeVar("_T")
 
@@ -80,6 +81,7 @@ class _Settings:
         return cls(max_bytes, timeout, connect_timeout_s, context)
 
 
+@observe_fetch
 async def fetch_url(
     url: str,
     *,

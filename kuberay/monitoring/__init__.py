@@ -1,0 +1,1 @@
+"""Prometheus and Grafana for a running RayService: a PodMonitor and a generated dashboard."""
