@@ -350,14 +350,17 @@ def test_requests_move_each_models_counters_by_exactly_n(service, http, metrics_
 
     # Refusals: by the router, by the URL fetch, and by a model replica.
     detect = "/v1/detect/{model}"
+    refused = []  # the requests to face-detect-opencv
     r = http.post("/v1/detect/face-detect-opencv", content=b"")
     assert (r.status_code, r.json()["error"]) == (400, "empty_body")
     r = http.post("/v1/detect/no-such-model", content=image)
     assert (r.status_code, r.json()["error"]) == (404, "unknown_model")
     r = http.post("/v1/detect/face-detect-opencv", json={"url": "http://127.0.0.1:9/x.jpg"})
     assert (r.status_code, r.json()["error"]) == (400, "fetch_refused")
+    refused.append(r)
     r = http.post("/v1/detect/face-detect-opencv", content=b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     assert r.status_code in (415, 422), r.text
+    refused.append(r)
     replica_code = r.json()["error"]
     refusals = "ray_visionserve_refusals_total"
     want[key(refusals, route=detect, model="face-detect-opencv", status=400,
@@ -368,6 +371,9 @@ def test_requests_move_each_models_counters_by_exactly_n(service, http, metrics_
     want[key(refusals, route=detect, model="face-detect-opencv", status=r.status_code,
              reason=replica_code)] = 1
     want[key("ray_visionserve_url_fetches_total", result="fetch_refused")] = 1
+    # Refused bodies were received all the same: they count as bytes in.
+    want[key("ray_visionserve_request_bytes_total", route=detect, model="face-detect-opencv")
+         ] += sum(len(x.request.content) for x in refused)
     want[key("ray_visionserve_model_call_seconds_count", model="face-detect-opencv",
              method="detect", outcome=replica_code)] = 1
     expect_deltas(metrics_port, base, want)
@@ -405,3 +411,32 @@ def test_jobs_count_outcomes_and_drain_the_queue_gauge(service, http, metrics_po
                              for x in s)
                and value(s, key("ray_visionserve_jobs", model=model, state="running"), max) == 0,
                "the running-jobs gauge back at 0")
+
+
+def test_router_writes_one_json_line_per_request(service, http, ray_session):
+    """The line reaches the router replica's stderr log, with Serve's request id."""
+    import uuid
+
+    image = shared_file("images", "pigo_sample.jpg").read_bytes()
+    request_id = f"metrics-test-{uuid.uuid4().hex}"
+    r = http.post("/v1/detect/face-detect-opencv", content=image,
+                  headers={"x-request-id": request_id})
+    assert r.status_code == 200, r.text
+    assert r.headers.get_list("x-request-id") == [request_id]  # Serve's header, not doubled
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    deadline = time.monotonic() + DEADLINE_S
+    while True:  # worker logs are files written by another process: poll, bounded
+        # Serve's own access log names the id too; ours are the lines that are JSON.
+        found = [line for path in logs.glob("worker-*.err")
+                 for line in path.read_text(errors="replace").splitlines()
+                 if request_id in line and line.startswith("{")]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert len(found) == 1, found
+    doc = json.loads(found[0])
+    assert doc["request_id"] == request_id and doc["status"] == 200 and doc["error"] is None
+    assert (doc["route"], doc["model"]) == ("/v1/detect/{model}", "face-detect-opencv")
+    assert doc["bytes_in"] == len(image) and doc["count"] == r.json()["count"]
+    assert set(doc["ms"]) == {"total", "model_call", "replica"}
+    assert doc["ms"]["replica"] == r.json()["timing_ms"]
