@@ -62,7 +62,7 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("visionserve_requests", "counter",
               "HTTP requests answered by the router", ("route", "model", "status")),
     MetricDef("visionserve_request_seconds", "histogram",
-              "Router time per request, from the first byte in to the last byte out",
+              "Router time per request, from its arrival to its last answer chunk",
               ("route", "model", "status"), LATENCY_BUCKETS),
     MetricDef("visionserve_refusals", "counter",
               "Requests answered 4xx/5xx, by the `error` code of the JSON body",

@@ -117,6 +117,17 @@ def test_metric_table_is_consistent():
     assert metrics.BY_NAME["visionserve_jobs"].exported == "ray_visionserve_jobs"
 
 
+def test_every_metric_is_documented_with_its_labels():
+    rows = {line.split("|")[1].strip(" `"): line for line in
+            (REPO / "docs" / "operations.md").read_text().splitlines()
+            if line.startswith("| `ray_visionserve_")}
+    assert set(rows) == {m.exported for m in metrics.METRICS}
+    for m in metrics.METRICS:
+        cells = rows[m.exported].split("|")
+        assert cells[2].strip() == m.kind, m.name
+        assert cells[3].strip() == ", ".join(f"`{t}`" for t in m.tags), m.name
+
+
 def test_access_line_has_fixed_fields_and_nothing_else():
     record = {"ts": "2026-01-01T00:00:00.000+00:00", "request_id": "abc", "method": "POST",
               "route": "/v1/detect/{model}", "path": "/v1/detect/face-detect-pigo",
