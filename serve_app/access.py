@@ -96,7 +96,7 @@ def observe_model_call(call: Callable[..., Any]) -> Callable[..., Any]:
                 note(replica_ms=result.get("timing_ms"), count=result.get("count"))
             return result
         except Exception as err:
-            outcome = str(getattr(err, "error", "internal"))
+            outcome = metrics.error_code(err)
             raise
         finally:
             seconds = time.perf_counter() - t0

@@ -110,6 +110,11 @@ _create_lock = threading.Lock()
 _failed: set[str] = set()
 
 
+def error_code(err: BaseException) -> str:
+    """The stable code a refusal carries (`code`, or `error` on the older error types)."""
+    return str(getattr(err, "code", None) or getattr(err, "error", None) or "internal")
+
+
 def _enabled() -> bool:
     import ray
 
@@ -211,7 +216,7 @@ def observe_fetch(fetch: Callable[..., Any]) -> Callable[..., Any]:
             result = "ok"
             return data
         except Exception as err:
-            result = str(getattr(err, "error", "internal"))
+            result = error_code(err)
             raise
         finally:
             _record("visionserve_url_fetches", 1, result=result)
