@@ -69,10 +69,21 @@ def access_line(record: dict[str, Any]) -> str:
 
     Only the fields below are written, whatever else `record` holds.
     """
-    keys = ("ts", "request_id", "method", "route", "path", "model", "status", "error",
-            "ms", "bytes_in", "bytes_out", "count")
-    return json.dumps({k: record.get(k) for k in keys}, separators=(",", ":"),
-                      ensure_ascii=True)
+    keys = (
+        "ts",
+        "request_id",
+        "method",
+        "route",
+        "path",
+        "model",
+        "status",
+        "error",
+        "ms",
+        "bytes_in",
+        "bytes_out",
+        "count",
+    )
+    return json.dumps({k: record.get(k) for k in keys}, separators=(",", ":"), ensure_ascii=True)
 
 
 def note(**fields: Any) -> None:
@@ -150,8 +161,10 @@ class RequestObserver:
                 ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
                 io["json"] = ctype.startswith(b"application/json")
                 if given is None:  # Serve's proxy adds the header itself when it made the id
-                    message = {**message, "headers": [*headers, (REQUEST_ID_HEADER,
-                                                                  request_id.encode())]}
+                    message = {
+                        **message,
+                        "headers": [*headers, (REQUEST_ID_HEADER, request_id.encode())],
+                    }
             elif message["type"] == "http.response.body":
                 body = message.get("body", b"")
                 io["out"] += len(body)
@@ -180,8 +193,14 @@ class RequestObserver:
             finish()
 
     @staticmethod
-    def _finish(scope: dict[str, Any], request_id: str, io: dict[str, Any], error_body: bytes,
-                notes: dict[str, Any], t0: float) -> None:
+    def _finish(
+        scope: dict[str, Any],
+        request_id: str,
+        io: dict[str, Any],
+        error_body: bytes,
+        notes: dict[str, Any],
+        t0: float,
+    ) -> None:
         seconds = time.perf_counter() - t0
         status = io["status"] or 500
         route_obj = scope.get("route")

@@ -32,8 +32,24 @@ from typing import Any, Literal
 log = logging.getLogger("ray.serve")
 
 # Seconds: from a cached detector answer (ms) to a 10-minute SAM job.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                   120.0, 300.0, 600.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
 # Whole counts: Ray refuses a 0 boundary, so le="0.5" is "none found", le="1.5" "one", ...
 COUNT_BUCKETS = (0.5, 1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5, 128.5, 256.5, 512.5)
 MEGAPIXEL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 25.0, 50.0)
@@ -59,48 +75,106 @@ class MetricDef:
 
 METRICS: tuple[MetricDef, ...] = (
     # -- router: one observation per HTTP request -------------------------------------------
-    MetricDef("visionserve_requests", "counter",
-              "HTTP requests answered by the router", ("route", "model", "status")),
-    MetricDef("visionserve_request_seconds", "histogram",
-              "Router time per request, from its arrival to its last answer chunk",
-              ("route", "model", "status"), LATENCY_BUCKETS),
-    MetricDef("visionserve_refusals", "counter",
-              "Requests answered 4xx/5xx, by the `error` code of the JSON body",
-              ("route", "model", "status", "reason")),
-    MetricDef("visionserve_request_bytes", "counter",
-              "Request body bytes received", ("route", "model")),
+    MetricDef(
+        "visionserve_requests",
+        "counter",
+        "HTTP requests answered by the router",
+        ("route", "model", "status"),
+    ),
+    MetricDef(
+        "visionserve_request_seconds",
+        "histogram",
+        "Router time per request, from its arrival to its last answer chunk",
+        ("route", "model", "status"),
+        LATENCY_BUCKETS,
+    ),
+    MetricDef(
+        "visionserve_refusals",
+        "counter",
+        "Requests answered 4xx/5xx, by the `error` code of the JSON body",
+        ("route", "model", "status", "reason"),
+    ),
+    MetricDef(
+        "visionserve_request_bytes", "counter", "Request body bytes received", ("route", "model")
+    ),
     # -- router -> model ---------------------------------------------------------------------
-    MetricDef("visionserve_model_call_seconds", "histogram",
-              "Model deployment call as the router sees it: queueing, transfer and the replica",
-              ("model", "method", "outcome"), LATENCY_BUCKETS),
+    MetricDef(
+        "visionserve_model_call_seconds",
+        "histogram",
+        "Model deployment call as the router sees it: queueing, transfer and the replica",
+        ("model", "method", "outcome"),
+        LATENCY_BUCKETS,
+    ),
     # -- model replicas ---------------------------------------------------------------------
-    MetricDef("visionserve_stage_seconds", "histogram",
-              "Time inside a model replica by stage (decode, inference, render, total)",
-              ("model", "stage"), LATENCY_BUCKETS),
-    MetricDef("visionserve_objects_per_answer", "histogram",
-              "Faces (detectors) or masks (segmenters) in one answer",
-              ("model", "kind"), COUNT_BUCKETS),
-    MetricDef("visionserve_input_megapixels", "histogram",
-              "Decoded input image size in megapixels", ("model",), MEGAPIXEL_BUCKETS),
+    MetricDef(
+        "visionserve_stage_seconds",
+        "histogram",
+        "Time inside a model replica by stage (decode, inference, render, total)",
+        ("model", "stage"),
+        LATENCY_BUCKETS,
+    ),
+    MetricDef(
+        "visionserve_objects_per_answer",
+        "histogram",
+        "Faces (detectors) or masks (segmenters) in one answer",
+        ("model", "kind"),
+        COUNT_BUCKETS,
+    ),
+    MetricDef(
+        "visionserve_input_megapixels",
+        "histogram",
+        "Decoded input image size in megapixels",
+        ("model",),
+        MEGAPIXEL_BUCKETS,
+    ),
     # -- URL inputs -------------------------------------------------------------------------
-    MetricDef("visionserve_url_fetches", "counter",
-              "Image URL fetches by outcome (`ok` or the refusal's error code)", ("result",)),
-    MetricDef("visionserve_url_fetch_seconds", "histogram",
-              "Image URL fetch time, redirects included", ("result",), FETCH_BUCKETS),
+    MetricDef(
+        "visionserve_url_fetches",
+        "counter",
+        "Image URL fetches by outcome (`ok` or the refusal's error code)",
+        ("result",),
+    ),
+    MetricDef(
+        "visionserve_url_fetch_seconds",
+        "histogram",
+        "Image URL fetch time, redirects included",
+        ("result",),
+        FETCH_BUCKETS,
+    ),
     # -- jobs -------------------------------------------------------------------------------
-    MetricDef("visionserve_jobs", "gauge",
-              "Jobs not finished, by model and state (queued, running)", ("model", "state")),
-    MetricDef("visionserve_job_oldest_age_seconds", "gauge",
-              "Age of the oldest job in a state (0 when none)", ("state",)),
-    MetricDef("visionserve_jobs_finished", "counter",
-              "Finished jobs by outcome (`done` or the error code)", ("model", "result")),
-    MetricDef("visionserve_job_seconds", "histogram",
-              "Job run time, start to result", ("model",), LATENCY_BUCKETS),
+    MetricDef(
+        "visionserve_jobs",
+        "gauge",
+        "Jobs not finished, by model and state (queued, running)",
+        ("model", "state"),
+    ),
+    MetricDef(
+        "visionserve_job_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest job in a state (0 when none)",
+        ("state",),
+    ),
+    MetricDef(
+        "visionserve_jobs_finished",
+        "counter",
+        "Finished jobs by outcome (`done` or the error code)",
+        ("model", "result"),
+    ),
+    MetricDef(
+        "visionserve_job_seconds",
+        "histogram",
+        "Job run time, start to result",
+        ("model",),
+        LATENCY_BUCKETS,
+    ),
     # -- freshness --------------------------------------------------------------------------
-    MetricDef("visionserve_last_event_timestamp_seconds", "gauge",
-              "Unix time of the last request (router), answer (replica) or finished job, "
-              "per model: `time() - max by (model) (...)` is how long a model has been idle",
-              ("source", "model")),
+    MetricDef(
+        "visionserve_last_event_timestamp_seconds",
+        "gauge",
+        "Unix time of the last request (router), answer (replica) or finished job, "
+        "per model: `time() - max by (model) (...)` is how long a model has been idle",
+        ("source", "model"),
+    ),
 )
 BY_NAME: dict[str, MetricDef] = {m.name: m for m in METRICS}
 JOB_STATES = ("queued", "running")
@@ -175,16 +249,20 @@ def record_request(
     _record("visionserve_requests", 1, route=route, model=model, status=status)
     _record("visionserve_request_seconds", seconds, route=route, model=model, status=status)
     _record("visionserve_request_bytes", bytes_in, route=route, model=model)
-    _record("visionserve_last_event_timestamp_seconds", time.time(), source="request",
-            model=model)
+    _record("visionserve_last_event_timestamp_seconds", time.time(), source="request", model=model)
     if status >= 400:
-        _record("visionserve_refusals", 1, route=route, model=model, status=status,
-                reason=code or f"http_{status}")
+        _record(
+            "visionserve_refusals",
+            1,
+            route=route,
+            model=model,
+            status=status,
+            reason=code or f"http_{status}",
+        )
 
 
 def record_model_call(model: str, method: str, outcome: str, seconds: float) -> None:
-    _record("visionserve_model_call_seconds", seconds, model=model, method=method,
-            outcome=outcome)
+    _record("visionserve_model_call_seconds", seconds, model=model, method=method, outcome=outcome)
 
 
 # -- model replicas --------------------------------------------------------------------------
@@ -194,13 +272,11 @@ def record_answer(model: str, kind: str, result: dict[str, Any]) -> None:
         _record("visionserve_stage_seconds", float(ms) / 1e3, model=model, stage=stage)
     if "count" in result:
         objects = "faces" if kind == "detector" else "masks"
-        _record("visionserve_objects_per_answer", int(result["count"]), model=model,
-                kind=objects)
+        _record("visionserve_objects_per_answer", int(result["count"]), model=model, kind=objects)
     if "width" in result and "height" in result:
         megapixels = int(result["width"]) * int(result["height"]) / 1e6
         _record("visionserve_input_megapixels", megapixels, model=model)
-    _record("visionserve_last_event_timestamp_seconds", time.time(), source="answer",
-            model=model)
+    _record("visionserve_last_event_timestamp_seconds", time.time(), source="answer", model=model)
 
 
 # -- URL inputs ------------------------------------------------------------------------------
@@ -280,5 +356,4 @@ def record_job(job: Any) -> None:
     started, finished = getattr(job, "started", None), getattr(job, "finished", None)
     if started and finished:
         _record("visionserve_job_seconds", finished - started, model=job.model)
-    _record("visionserve_last_event_timestamp_seconds", time.time(), source="job",
-            model=job.model)
+    _record("visionserve_last_event_timestamp_seconds", time.time(), source="job", model=job.model)

@@ -91,11 +91,14 @@ def _show(k: Key) -> str:
     return k[0] + "{" + ",".join(f"{a}={b}" for a, b in sorted(k[1])) + "}"
 
 
-def bucket_deltas(name: str, values: list[float], buckets: tuple[float, ...],
-                  **labels: Any) -> dict[Key, float]:
+def bucket_deltas(
+    name: str, values: list[float], buckets: tuple[float, ...], **labels: Any
+) -> dict[Key, float]:
     """Expected `le` bucket increments (cumulative, as Prometheus counts them) + `_count`."""
-    want = {key(f"{name}_bucket", le=str(b), **labels): float(sum(v <= b for v in values))
-            for b in buckets}
+    want = {
+        key(f"{name}_bucket", le=str(b), **labels): float(sum(v <= b for v in values))
+        for b in buckets
+    }
     want[key(f"{name}_bucket", le="+Inf", **labels)] = float(len(values))
     want[key(f"{name}_count", **labels)] = float(len(values))
     return want
@@ -118,9 +121,11 @@ def test_metric_table_is_consistent():
 
 
 def test_every_metric_is_documented_with_its_labels():
-    rows = {line.split("|")[1].strip(" `"): line for line in
-            (REPO / "docs" / "operations.md").read_text().splitlines()
-            if line.startswith("| `ray_visionserve_")}
+    rows = {
+        line.split("|")[1].strip(" `"): line
+        for line in (REPO / "docs" / "operations.md").read_text().splitlines()
+        if line.startswith("| `ray_visionserve_")
+    }
     assert set(rows) == {m.exported for m in metrics.METRICS}
     for m in metrics.METRICS:
         cells = rows[m.exported].split("|")
@@ -129,16 +134,39 @@ def test_every_metric_is_documented_with_its_labels():
 
 
 def test_access_line_has_fixed_fields_and_nothing_else():
-    record = {"ts": "2026-01-01T00:00:00.000+00:00", "request_id": "abc", "method": "POST",
-              "route": "/v1/detect/{model}", "path": "/v1/detect/face-detect-pigo",
-              "model": "face-detect-pigo", "status": 200, "error": None,
-              "ms": {"total": 12.5}, "bytes_in": 1000, "bytes_out": 300, "count": 1,
-              "image": b"\xff\xd8 raw image bytes", "image_base64": "aGVsbG8="}
+    record = {
+        "ts": "2026-01-01T00:00:00.000+00:00",
+        "request_id": "abc",
+        "method": "POST",
+        "route": "/v1/detect/{model}",
+        "path": "/v1/detect/face-detect-pigo",
+        "model": "face-detect-pigo",
+        "status": 200,
+        "error": None,
+        "ms": {"total": 12.5},
+        "bytes_in": 1000,
+        "bytes_out": 300,
+        "count": 1,
+        "image": b"\xff\xd8 raw image bytes",
+        "image_base64": "aGVsbG8=",
+    }
     line = access_line(record)
     assert "\n" not in line
     doc = json.loads(line)
-    assert list(doc) == ["ts", "request_id", "method", "route", "path", "model", "status",
-                         "error", "ms", "bytes_in", "bytes_out", "count"]
+    assert list(doc) == [
+        "ts",
+        "request_id",
+        "method",
+        "route",
+        "path",
+        "model",
+        "status",
+        "error",
+        "ms",
+        "bytes_in",
+        "bytes_out",
+        "count",
+    ]
     assert doc["status"] == 200 and doc["ms"] == {"total": 12.5}
     assert "image" not in line and "aGVsbG8" not in line
 
@@ -199,26 +227,41 @@ async def _send(app, *requests: tuple[str, str, dict]) -> list[httpx.Response]:
 def test_one_json_line_per_request(observed_app):
     app, lines = observed_app
     image = b"IMAGE-BYTES-MARKER" * 100
-    ok, refused, unknown, failed, missing, traced, bug = asyncio.run(_send(
-        app,
-        ("POST", "/v1/detect/face-detect-pigo?min_size=30", {"content": image}),
-        ("POST", "/v1/detect/face-detect-pigo", {"content": b""}),
-        ("POST", "/v1/detect/no-such-model", {"content": b"x"}),
-        ("POST", "/v1/detect/cnn-face-detection", {"content": b"xy"}),
-        ("GET", "/nowhere", {}),
-        ("POST", "/v1/detect/face-detect-opencv",
-         {"content": b"x", "headers": {"x-request-id": "client-id-1"}}),
-        ("GET", "/boom", {}),
-    ))
+    ok, refused, unknown, failed, missing, traced, bug = asyncio.run(
+        _send(
+            app,
+            ("POST", "/v1/detect/face-detect-pigo?min_size=30", {"content": image}),
+            ("POST", "/v1/detect/face-detect-pigo", {"content": b""}),
+            ("POST", "/v1/detect/no-such-model", {"content": b"x"}),
+            ("POST", "/v1/detect/cnn-face-detection", {"content": b"xy"}),
+            ("GET", "/nowhere", {}),
+            (
+                "POST",
+                "/v1/detect/face-detect-opencv",
+                {"content": b"x", "headers": {"x-request-id": "client-id-1"}},
+            ),
+            ("GET", "/boom", {}),
+        )
+    )
     assert [r.status_code for r in (ok, refused, unknown, failed, missing, traced, bug)] == [
-        200, 400, 200, 422, 404, 200, 500]
+        200,
+        400,
+        200,
+        422,
+        404,
+        200,
+        500,
+    ]
     assert len(lines) == 7, lines
     by_status = {line["status"]: line for line in lines}
 
     line = lines[0]
     assert line["request_id"] == ok.headers["x-request-id"] and len(line["request_id"]) == 32
     assert (line["method"], line["route"], line["model"]) == (
-        "POST", "/v1/detect/{model}", "face-detect-pigo")
+        "POST",
+        "/v1/detect/{model}",
+        "face-detect-pigo",
+    )
     assert line["path"] == "/v1/detect/face-detect-pigo"  # no query string
     assert line["bytes_in"] == len(image) and line["bytes_out"] == len(ok.content)
     assert line["error"] is None and line["count"] == 3
@@ -228,12 +271,23 @@ def test_one_json_line_per_request(observed_app):
 
     assert by_status[400]["error"] == "empty_body"
     assert by_status[422]["error"] == "bad_image" and by_status[422]["model"] == (
-        "cnn-face-detection")
+        "cnn-face-detection"
+    )
     assert lines[2]["model"] == "unknown"  # not a configured model: no new label value
     assert by_status[404] | {"ts": None, "request_id": None, "ms": None} == {
-        "ts": None, "request_id": None, "method": "GET", "route": "unmatched",
-        "path": "/nowhere", "model": "none", "status": 404, "error": "not_found",
-        "ms": None, "bytes_in": 0, "bytes_out": len(missing.content), "count": None}
+        "ts": None,
+        "request_id": None,
+        "method": "GET",
+        "route": "unmatched",
+        "path": "/nowhere",
+        "model": "none",
+        "status": 404,
+        "error": "not_found",
+        "ms": None,
+        "bytes_in": 0,
+        "bytes_out": len(missing.content),
+        "count": None,
+    }
     # A caller's id (Serve's proxy forwards it, or makes one) is kept, and not repeated.
     assert lines[5]["request_id"] == "client-id-1"
     assert traced.headers.get_list("x-request-id") == []
@@ -257,10 +311,12 @@ def test_job_gauges_count_by_state_and_age(monkeypatch):
             recorded[(self.name, *sorted(tags.items()))] = v
 
     monkeypatch.setattr(metrics, "_metric", Fake)
-    jobs = [Job(model="sam-mobile", status="running", created=100.0),
-            Job(model="sam-mobile", status="queued", created=110.0),
-            Job(model="sam-mobile", status="queued", created=105.0),
-            Job(model="face-detect-pigo", status="done", created=50.0)]
+    jobs = [
+        Job(model="sam-mobile", status="running", created=100.0),
+        Job(model="sam-mobile", status="queued", created=110.0),
+        Job(model="sam-mobile", status="queued", created=105.0),
+        Job(model="face-detect-pigo", status="done", created=50.0),
+    ]
     metrics.refresh_jobs(jobs, now=120.0)
     g = "visionserve_jobs"
     assert recorded[(g, ("model", "sam-mobile"), ("state", "queued"))] == 2
@@ -280,21 +336,28 @@ def test_dashboard_is_generated_and_uses_only_exported_metrics():
 
     path = REPO / "kuberay" / "monitoring" / "grafana-dashboard.json"
     assert json.loads(path.read_text()) == dashboard.build(), (
-        "stale: run python -m kuberay.monitoring.dashboard")
+        "stale: run python -m kuberay.monitoring.dashboard"
+    )
     exported = {m.exported for m in metrics.METRICS}
-    series = {f"{m.exported}_{s}" for m in metrics.METRICS if m.kind == "histogram"
-              for s in ("bucket", "sum", "count")}
+    series = {
+        f"{m.exported}_{s}"
+        for m in metrics.METRICS
+        if m.kind == "histogram"
+        for s in ("bucket", "sum", "count")
+    }
     used = dashboard.referenced_metrics(dashboard.build())
     assert used, "the dashboard queries no metric"
     assert used <= exported | series, used - exported - series
     # Every metric is on the dashboard: a new one without a panel is easy to forget.
     assert {m.exported for m in metrics.METRICS} <= {
-        u.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for u in used}
+        u.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for u in used
+    }
 
 
 def test_podmonitor_scrapes_every_ray_pod_on_the_metrics_port():
-    docs = list(yaml.safe_load_all((REPO / "kuberay" / "monitoring" / "podmonitor.yaml")
-                                   .read_text()))
+    docs = list(
+        yaml.safe_load_all((REPO / "kuberay" / "monitoring" / "podmonitor.yaml").read_text())
+    )
     (pm,) = [d for d in docs if d]
     assert pm["apiVersion"] == "monitoring.coreos.com/v1" and pm["kind"] == "PodMonitor"
     assert pm["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
@@ -320,8 +383,9 @@ def test_requests_move_each_models_counters_by_exactly_n(service, http, metrics_
         if kind == "detector":
             return http.post(f"/v1/detect/{model}", content=image), len(image)
         body = json.dumps({"image_base64": _TINY_PNG_B64, "points": [[0, 0]]}).encode()
-        r = http.post(f"/v1/segment/{model}", content=body,
-                      headers={"content-type": "application/json"})
+        r = http.post(
+            f"/v1/segment/{model}", content=body, headers={"content-type": "application/json"}
+        )
         return r, len(body)
 
     # Barrier: once these sentinels show, every earlier test's requests are in the scrape.
@@ -329,8 +393,7 @@ def test_requests_move_each_models_counters_by_exactly_n(service, http, metrics_
     for model, kind in ready.items():
         r, _ = send(model, kind)
         assert r.status_code == 200, (model, r.text[:300])
-    base = barrier(metrics_port, since,
-                   [(s, m) for m in ready for s in ("request", "answer")])
+    base = barrier(metrics_port, since, [(s, m) for m in ready for s in ("request", "answer")])
 
     want: dict[Key, float] = {}
     for model, kind in ready.items():
@@ -344,20 +407,34 @@ def test_requests_move_each_models_counters_by_exactly_n(service, http, metrics_
             sent += size
         count = float(len(answers))
         want[key("ray_visionserve_requests_total", route=route, model=model, status=200)] = count
-        want[key("ray_visionserve_request_seconds_count", route=route, model=model,
-                 status=200)] = count
+        want[key("ray_visionserve_request_seconds_count", route=route, model=model, status=200)] = (
+            count
+        )
         want[key("ray_visionserve_request_bytes_total", route=route, model=model)] = sent
-        want[key("ray_visionserve_model_call_seconds_count", model=model, method=method,
-                 outcome="ok")] = count
+        want[
+            key(
+                "ray_visionserve_model_call_seconds_count", model=model, method=method, outcome="ok"
+            )
+        ] = count
         for stage in ("decode", "inference", "render", "total"):
             want[key("ray_visionserve_stage_seconds_count", model=model, stage=stage)] = count
-        want.update(bucket_deltas(
-            "ray_visionserve_objects_per_answer", [a["count"] for a in answers],
-            metrics.COUNT_BUCKETS, model=model,
-            kind="faces" if kind == "detector" else "masks"))
-        want.update(bucket_deltas(
-            "ray_visionserve_input_megapixels", [a["width"] * a["height"] / 1e6 for a in answers],
-            metrics.MEGAPIXEL_BUCKETS, model=model))
+        want.update(
+            bucket_deltas(
+                "ray_visionserve_objects_per_answer",
+                [a["count"] for a in answers],
+                metrics.COUNT_BUCKETS,
+                model=model,
+                kind="faces" if kind == "detector" else "masks",
+            )
+        )
+        want.update(
+            bucket_deltas(
+                "ray_visionserve_input_megapixels",
+                [a["width"] * a["height"] / 1e6 for a in answers],
+                metrics.MEGAPIXEL_BUCKETS,
+                model=model,
+            )
+        )
 
     # Refusals: by the router, by the URL fetch, and by a model replica.
     detect = "/v1/detect/{model}"
@@ -374,19 +451,35 @@ def test_requests_move_each_models_counters_by_exactly_n(service, http, metrics_
     refused.append(r)
     replica_code = r.json()["error"]
     refusals = "ray_visionserve_refusals_total"
-    want[key(refusals, route=detect, model="face-detect-opencv", status=400,
-             reason="empty_body")] = 1
+    want[
+        key(refusals, route=detect, model="face-detect-opencv", status=400, reason="empty_body")
+    ] = 1
     want[key(refusals, route=detect, model="unknown", status=404, reason="unknown_model")] = 1
-    want[key(refusals, route=detect, model="face-detect-opencv", status=400,
-             reason="fetch_refused")] = 1
-    want[key(refusals, route=detect, model="face-detect-opencv", status=r.status_code,
-             reason=replica_code)] = 1
+    want[
+        key(refusals, route=detect, model="face-detect-opencv", status=400, reason="fetch_refused")
+    ] = 1
+    want[
+        key(
+            refusals,
+            route=detect,
+            model="face-detect-opencv",
+            status=r.status_code,
+            reason=replica_code,
+        )
+    ] = 1
     want[key("ray_visionserve_url_fetches_total", result="fetch_refused")] = 1
     # Refused bodies were received all the same: they count as bytes in.
-    want[key("ray_visionserve_request_bytes_total", route=detect, model="face-detect-opencv")
-         ] += sum(len(x.request.content) for x in refused)
-    want[key("ray_visionserve_model_call_seconds_count", model="face-detect-opencv",
-             method="detect", outcome=replica_code)] = 1
+    want[key("ray_visionserve_request_bytes_total", route=detect, model="face-detect-opencv")] += (
+        sum(len(x.request.content) for x in refused)
+    )
+    want[
+        key(
+            "ray_visionserve_model_call_seconds_count",
+            model="face-detect-opencv",
+            method="detect",
+            outcome=replica_code,
+        )
+    ] = 1
     expect_deltas(metrics_port, base, want)
 
 
@@ -411,17 +504,24 @@ def test_jobs_count_outcomes_and_drain_the_queue_gauge(service, http, metrics_po
     failed = run_job(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     assert failed["status"] == "failed"
     code = failed["error"]["error"]
-    expect_deltas(metrics_port, base, {
-        key("ray_visionserve_jobs_finished_total", model=model, result="done"): 1,
-        key("ray_visionserve_jobs_finished_total", model=model, result=code): 1,
-        key("ray_visionserve_job_seconds_count", model=model): 2,
-    })
+    expect_deltas(
+        metrics_port,
+        base,
+        {
+            key("ray_visionserve_jobs_finished_total", model=model, result="done"): 1,
+            key("ray_visionserve_jobs_finished_total", model=model, result=code): 1,
+            key("ray_visionserve_job_seconds_count", model=model): 2,
+        },
+    )
     # Nothing left running: the depth gauge reads 0 for this model once refreshed.
-    wait_until(metrics_port,
-               lambda s: any(x.name == "ray_visionserve_jobs" and x.labels.get("model") == model
-                             for x in s)
-               and value(s, key("ray_visionserve_jobs", model=model, state="running"), max) == 0,
-               "the running-jobs gauge back at 0")
+    wait_until(
+        metrics_port,
+        lambda s: (
+            any(x.name == "ray_visionserve_jobs" and x.labels.get("model") == model for x in s)
+            and value(s, key("ray_visionserve_jobs", model=model, state="running"), max) == 0
+        ),
+        "the running-jobs gauge back at 0",
+    )
 
 
 def test_router_writes_one_json_line_per_request(service, http, ray_session):
@@ -430,17 +530,21 @@ def test_router_writes_one_json_line_per_request(service, http, ray_session):
 
     image = shared_file("images", "pigo_sample.jpg").read_bytes()
     request_id = f"metrics-test-{uuid.uuid4().hex}"
-    r = http.post("/v1/detect/face-detect-opencv", content=image,
-                  headers={"x-request-id": request_id})
+    r = http.post(
+        "/v1/detect/face-detect-opencv", content=image, headers={"x-request-id": request_id}
+    )
     assert r.status_code == 200, r.text
     assert r.headers.get_list("x-request-id") == [request_id]  # Serve's header, not doubled
     logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
     deadline = time.monotonic() + DEADLINE_S
     while True:  # worker logs are files written by another process: poll, bounded
         # Serve's own access log names the id too; ours are the lines that are JSON.
-        found = [line for path in logs.glob("worker-*.err")
-                 for line in path.read_text(errors="replace").splitlines()
-                 if request_id in line and line.startswith("{")]
+        found = [
+            line
+            for path in logs.glob("worker-*.err")
+            for line in path.read_text(errors="replace").splitlines()
+            if request_id in line and line.startswith("{")
+        ]
         if found or time.monotonic() > deadline:
             break
         time.sleep(0.25)

@@ -42,20 +42,25 @@ def rate(name: str, suffix: str = "", labels: str = MODEL) -> str:
 
 
 def quantile(q: float, name: str, by: str, labels: str = MODEL) -> str:
-    return (f"histogram_quantile({q}, sum by (le, {by}) "
-            f"({rate(name, '_bucket', labels)}))")
+    return f"histogram_quantile({q}, sum by (le, {by}) ({rate(name, '_bucket', labels)}))"
 
 
-def panel(title: str, targets: list[tuple[str, str]], unit: str, description: str = "",
-          ) -> dict[str, Any]:
+def panel(
+    title: str,
+    targets: list[tuple[str, str]],
+    unit: str,
+    description: str = "",
+) -> dict[str, Any]:
     return {
         "type": "timeseries",
         "title": title,
         "description": description,
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "table", "placement": "bottom"},
-                    "tooltip": {"mode": "multi"}},
+        "options": {
+            "legend": {"displayMode": "table", "placement": "bottom"},
+            "tooltip": {"mode": "multi"},
+        },
         "targets": [
             {"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend}
             for i, (expr, legend) in enumerate(targets)
@@ -70,63 +75,127 @@ def row(title: str) -> dict[str, Any]:
 def rows() -> list[dict[str, Any]]:
     return [
         row("Requests (router)"),
-        panel("Requests / s by model and status",
-              [(f"sum by (model, status) ({rate('visionserve_requests')})",
-                "{{model}} {{status}}")], "reqps"),
-        panel("Refusals / s by reason",
-              [(f"sum by (model, reason) ({rate('visionserve_refusals')})",
-                "{{model}} {{reason}}")], "reqps",
-              "4xx/5xx answers by the `error` code of their JSON body"),
-        panel("Router latency (p50, p95)",
-              [(quantile(0.5, "visionserve_request_seconds", "model"), "p50 {{model}}"),
-               (quantile(0.95, "visionserve_request_seconds", "model"), "p95 {{model}}")], "s",
-              "First byte in to last byte out at the router, by model"),
-        panel("Model call latency (p95)",
-              [(quantile(0.95, "visionserve_model_call_seconds", "model, method"),
-                "{{model}} {{method}}")], "s",
-              "Router to model deployment and back: queueing, transfer and the replica"),
-        panel("Replica stages (p95)",
-              [(quantile(0.95, "visionserve_stage_seconds", "model, stage"),
-                "{{model}} {{stage}}")], "s", "Decode, inference and render inside a replica"),
-        panel("Request bytes / s",
-              [(f"sum by (model) ({rate('visionserve_request_bytes')})",
-                "{{model}}")], "Bps"),
+        panel(
+            "Requests / s by model and status",
+            [(f"sum by (model, status) ({rate('visionserve_requests')})", "{{model}} {{status}}")],
+            "reqps",
+        ),
+        panel(
+            "Refusals / s by reason",
+            [(f"sum by (model, reason) ({rate('visionserve_refusals')})", "{{model}} {{reason}}")],
+            "reqps",
+            "4xx/5xx answers by the `error` code of their JSON body",
+        ),
+        panel(
+            "Router latency (p50, p95)",
+            [
+                (quantile(0.5, "visionserve_request_seconds", "model"), "p50 {{model}}"),
+                (quantile(0.95, "visionserve_request_seconds", "model"), "p95 {{model}}"),
+            ],
+            "s",
+            "First byte in to last byte out at the router, by model",
+        ),
+        panel(
+            "Model call latency (p95)",
+            [
+                (
+                    quantile(0.95, "visionserve_model_call_seconds", "model, method"),
+                    "{{model}} {{method}}",
+                )
+            ],
+            "s",
+            "Router to model deployment and back: queueing, transfer and the replica",
+        ),
+        panel(
+            "Replica stages (p95)",
+            [(quantile(0.95, "visionserve_stage_seconds", "model, stage"), "{{model}} {{stage}}")],
+            "s",
+            "Decode, inference and render inside a replica",
+        ),
+        panel(
+            "Request bytes / s",
+            [(f"sum by (model) ({rate('visionserve_request_bytes')})", "{{model}}")],
+            "Bps",
+        ),
         row("Answers (replicas)"),
-        panel("Faces or masks per answer",
-              [(quantile(0.5, "visionserve_objects_per_answer", "model, kind"),
-                "median {{model}}"),
-               (f"sum by (model) ({rate('visionserve_objects_per_answer', '_bucket', NONE)})"
-                f" / sum by (model) ({rate('visionserve_objects_per_answer', '_count')})",
-                "share with none {{model}}")], "short",
-              "le=0.5 is the bucket of answers with no face or mask"),
-        panel("Input size (megapixels)",
-              [(quantile(0.5, "visionserve_input_megapixels", "model"), "p50 {{model}}"),
-               (quantile(0.95, "visionserve_input_megapixels", "model"), "p95 {{model}}")],
-              "short"),
-        panel("Seconds since last event",
-              [(f"time() - max by (model, source) "
-                f"({series('visionserve_last_event_timestamp_seconds')})",
-                "{{model}} {{source}}")], "s",
-              "Idle time per model: last request (router), answer (replica), finished job"),
+        panel(
+            "Faces or masks per answer",
+            [
+                (
+                    quantile(0.5, "visionserve_objects_per_answer", "model, kind"),
+                    "median {{model}}",
+                ),
+                (
+                    f"sum by (model) ({rate('visionserve_objects_per_answer', '_bucket', NONE)})"
+                    f" / sum by (model) ({rate('visionserve_objects_per_answer', '_count')})",
+                    "share with none {{model}}",
+                ),
+            ],
+            "short",
+            "le=0.5 is the bucket of answers with no face or mask",
+        ),
+        panel(
+            "Input size (megapixels)",
+            [
+                (quantile(0.5, "visionserve_input_megapixels", "model"), "p50 {{model}}"),
+                (quantile(0.95, "visionserve_input_megapixels", "model"), "p95 {{model}}"),
+            ],
+            "short",
+        ),
+        panel(
+            "Seconds since last event",
+            [
+                (
+                    f"time() - max by (model, source) "
+                    f"({series('visionserve_last_event_timestamp_seconds')})",
+                    "{{model}} {{source}}",
+                )
+            ],
+            "s",
+            "Idle time per model: last request (router), answer (replica), finished job",
+        ),
         row("URL inputs"),
-        panel("URL fetches / s by result",
-              [(f"sum by (result) ({rate('visionserve_url_fetches', '', '')})",
-                "{{result}}")], "reqps"),
-        panel("URL fetch time (p95)",
-              [(quantile(0.95, "visionserve_url_fetch_seconds", "result", ""), "{{result}}")],
-              "s"),
+        panel(
+            "URL fetches / s by result",
+            [(f"sum by (result) ({rate('visionserve_url_fetches', '', '')})", "{{result}}")],
+            "reqps",
+        ),
+        panel(
+            "URL fetch time (p95)",
+            [(quantile(0.95, "visionserve_url_fetch_seconds", "result", ""), "{{result}}")],
+            "s",
+        ),
         row("Jobs"),
-        panel("Jobs queued and running",
-              [(f"sum by (model, state) ({series('visionserve_jobs')})",
-                "{{model}} {{state}}")], "short"),
-        panel("Oldest job age",
-              [(f"max by (state) ({series('visionserve_job_oldest_age_seconds', '', '')})",
-                "{{state}}")], "s"),
-        panel("Jobs finished / s by result",
-              [(f"sum by (model, result) ({rate('visionserve_jobs_finished')})",
-                "{{model}} {{result}}")], "reqps"),
-        panel("Job run time (p95)",
-              [(quantile(0.95, "visionserve_job_seconds", "model"), "{{model}}")], "s"),
+        panel(
+            "Jobs queued and running",
+            [(f"sum by (model, state) ({series('visionserve_jobs')})", "{{model}} {{state}}")],
+            "short",
+        ),
+        panel(
+            "Oldest job age",
+            [
+                (
+                    f"max by (state) ({series('visionserve_job_oldest_age_seconds', '', '')})",
+                    "{{state}}",
+                )
+            ],
+            "s",
+        ),
+        panel(
+            "Jobs finished / s by result",
+            [
+                (
+                    f"sum by (model, result) ({rate('visionserve_jobs_finished')})",
+                    "{{model}} {{result}}",
+                )
+            ],
+            "reqps",
+        ),
+        panel(
+            "Job run time (p95)",
+            [(quantile(0.95, "visionserve_job_seconds", "model"), "{{model}}")],
+            "s",
+        ),
     ]
 
 
@@ -151,22 +220,35 @@ def build() -> dict[str, Any]:
         "uid": UID,
         "title": "visionserve",
         "description": "Generated by python -m kuberay.monitoring.dashboard from "
-                       "serve_app/metrics.py; do not edit by hand.",
+        "serve_app/metrics.py; do not edit by hand.",
         "tags": ["visionserve", "ray-serve"],
         "timezone": "browser",
         "schemaVersion": 39,
         "version": 1,
         "refresh": "30s",
         "time": {"from": "now-1h", "to": "now"},
-        "templating": {"list": [
-            {"name": "datasource", "label": "Data source", "type": "datasource",
-             "query": "prometheus"},
-            {"name": "model", "label": "Model", "type": "query",
-             "datasource": {"type": "prometheus", "uid": "${datasource}"},
-             "query": f"label_values({m('visionserve_requests')}, model)",
-             "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
-             "current": {"text": "All", "value": "$__all"}},
-        ]},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                },
+                {
+                    "name": "model",
+                    "label": "Model",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": f"label_values({m('visionserve_requests')}, model)",
+                    "refresh": 2,
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "current": {"text": "All", "value": "$__all"},
+                },
+            ]
+        },
         "panels": layout(rows()),
     }
 
