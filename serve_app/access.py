@@ -139,6 +139,8 @@ class RequestObserver:
         given = _header(scope, REQUEST_ID_HEADER)
         request_id = (given or uuid.uuid4().hex)[:MAX_ID_CHARS]
         scope.setdefault("state", {})["request_id"] = request_id
+        if given is None:  # as Serve's proxy does: the app reads the id from the header
+            scope["headers"] = [*scope.get("headers", ()), (REQUEST_ID_HEADER, request_id.encode())]
         io: dict[str, Any] = {"in": 0, "out": 0, "status": None, "json": False, "done": False}
         error_body = bytearray()
         notes: dict[str, Any] = {}

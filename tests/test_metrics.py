@@ -78,9 +78,16 @@ def expect_deltas(port: int, base: list[Any], want: dict[Key, float]) -> None:
         port,
         lambda s: all(value(s, k) - before[k] >= d for k, d in want.items()),
         "the expected increments",
-        lambda s: ": (moved, expected) "
-        + str({_show(k): (value(s, k) - before[k], d) for k, d in want.items()
-               if value(s, k) - before[k] < d}),
+        lambda s: (
+            ": (moved, expected) "
+            + str(
+                {
+                    _show(k): (value(s, k) - before[k], d)
+                    for k, d in want.items()
+                    if value(s, k) - before[k] < d
+                }
+            )
+        ),
     )
     moved = {k: value(got, k) - before[k] for k in want}
     wrong = {_show(k): (moved[k], d) for k, d in want.items() if moved[k] != d}
@@ -270,6 +277,12 @@ def test_one_json_line_per_request(observed_app):
     assert all("MARKER" not in json.dumps(x) for x in lines)
 
     assert by_status[400]["error"] == "empty_body"
+    # The error body, the header and the log line name the same id.
+    assert (
+        refused.json().get("request_id", by_status[400]["request_id"])
+        == (refused.headers["x-request-id"])
+        == by_status[400]["request_id"]
+    )
     assert by_status[422]["error"] == "bad_image" and by_status[422]["model"] == (
         "cnn-face-detection"
     )
