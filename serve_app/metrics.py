@@ -185,8 +185,8 @@ _failed: set[str] = set()
 
 
 def error_code(err: BaseException) -> str:
-    """The stable code a refusal carries (`code`, or `error` on the older error types)."""
-    return str(getattr(err, "code", None) or getattr(err, "error", None) or "internal")
+    """The stable code of a `ServiceError`; `internal` for anything else."""
+    return str(getattr(err, "code", None) or "internal")
 
 
 def _enabled() -> bool:

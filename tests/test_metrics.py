@@ -193,7 +193,7 @@ def observed_app():
     from fastapi import FastAPI
 
     from serve_app.api import api
-    from serve_app.errors import ServiceError as InputError
+    from serve_app.errors import ServiceError
 
     app = FastAPI()
     app.exception_handlers.update(api.exception_handlers)
@@ -203,14 +203,14 @@ def observed_app():
         @observe_model_call
         async def call(self, model: str, method: str) -> dict[str, Any]:
             if model == "cnn-face-detection":
-                raise InputError(422, "bad_image", "not an image")
+                raise ServiceError(422, "bad_image", "not an image")
             return {"count": 3, "timing_ms": {"decode": 1.0, "inference": 2.0, "total": 3.5}}
 
     @app.post("/v1/detect/{model}")
     async def detect(model: str, request: Request) -> dict[str, Any]:
         body = await request.body()
         if not body:
-            raise InputError(400, "empty_body", "no image")
+            raise ServiceError(400, "empty_body", "no image")
         return await Policy().call(model, "detect")
 
     @app.get("/boom")
