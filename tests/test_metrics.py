@@ -67,7 +67,10 @@ def barrier(port: int, since: float, events: list[tuple[str, str]]) -> list[Any]
     gauge = "ray_visionserve_last_event_timestamp_seconds"
     keys = [key(gauge, source=s, model=m) for s, m in events]
     return wait_until(
-        port, lambda got: all(value(got, k, max) >= since for k in keys), f"events {events}"
+        port,
+        lambda got: all(value(got, k, max) >= since for k in keys),
+        "the sentinel requests",
+        lambda got: ": not yet seen " + str([_show(k) for k in keys if value(got, k, max) < since]),
     )
 
 
