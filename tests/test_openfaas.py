@@ -251,7 +251,10 @@ def test_every_route_is_declared_in_the_router():
 def test_middleware_is_registered_in_api_py():
     from serve_app.api import api
 
-    assert [m.cls for m in api.user_middleware] == [openfaas.InvocationCounter,
+    from serve_app.access import RequestObserver
+
+    # Outermost first: the observer sees every answer, the API key's 401s included.
+    assert [m.cls for m in api.user_middleware] == [RequestObserver, openfaas.InvocationCounter,
                                                      ApiKeyMiddleware]
 
 
