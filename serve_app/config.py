@@ -41,6 +41,11 @@ class Limits(_Strict):
     fetch_connect_timeout_s: float = Field(5.0, gt=0)
     fetch_read_timeout_s: float = Field(30.0, gt=0)
     fetch_max_redirects: int = Field(3, ge=0, le=10)
+    # Batches (POST /v1/detect/{model}/batch): images per request, their summed pixels, and
+    # images per model call (a batch is split into calls of this size across replicas).
+    max_batch_images: int = Field(64, gt=0)
+    max_batch_pixels: int = Field(200_000_000, gt=0)
+    batch_chunk_images: int = Field(8, gt=0)
 
 
 class ModelSettings(_Strict):

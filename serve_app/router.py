@@ -22,6 +22,7 @@ from serve_app import openfaas
 from serve_app.access import observe_model_call
 from serve_app.api import api
 from serve_app.auth import configure_auth
+from serve_app.batch import BatchLimits, batch_answer, parse_batch_request, run_batch
 from serve_app.calls import call_model
 from serve_app.config import AppSettings
 from serve_app.errors import ServiceError, Unavailable
@@ -153,6 +154,19 @@ class Router:
     async def detect(self, model: str, request: Request) -> Response:
         self._handle(model, "detector")
         return await self._run(model, request)
+
+    @api.post("/v1/detect/{model}/batch")
+    async def detect_batch(self, model: str, request: Request) -> Response:
+        """Many images, one JSON result (or error) each, in order; see serve_app/batch.py."""
+        self._handle(model, "detector")
+        lim = BatchLimits(**self.limits.model_dump(include=set(BatchLimits.__annotations__)))
+        batch = await parse_batch_request(request, lim, self._fetch)
+
+        async def call(images: list[tuple[bytes, str | None]]) -> list[dict[str, Any]]:
+            return await self._call(model, "detect_batch", images, batch.params, batch.output)
+
+        results = await run_batch(batch, call, lim.batch_chunk_images)
+        return JSONResponse(batch_answer(model, results))
 
     @api.post("/v1/segment/{model}")
     async def segment(self, model: str, request: Request) -> Response:

@@ -62,6 +62,16 @@ class DetectorDeployment(ModelDeployment):
         # health checks and queueing the next request meanwhile.
         return await asyncio.to_thread(self._detect, model, data, p, output, filename)
 
+    async def detect_batch(
+        self, images: list[tuple[bytes, str | None]], params: dict[str, Any], output: str = "json"
+    ) -> list[dict[str, Any]]:
+        """`detect` for each (bytes, filename) in one call; a bad image gets an error entry."""
+        if output not in OUTPUTS:
+            raise ServiceError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
+        p = parse_params(self.PARAMS, params)  # shared: a bad one fails the whole batch
+        model = self.ready_model()
+        return await asyncio.to_thread(detect_each, self._detect, model, images, p, output)
+
     def _detect(
         self, model, data: bytes, p: dict[str, Any], output: str, filename: str | None
     ) -> dict[str, Any]:
@@ -101,6 +111,21 @@ class DetectorDeployment(ModelDeployment):
         }
         metrics.record_answer(self.name, self.spec.kind, result)
         return result
+
+
+def detect_each(
+    detect: Any, model: Any, images: list[tuple[bytes, str | None]], p: dict[str, Any], output: str
+) -> list[dict[str, Any]]:
+    """`detect` on each image in turn; an image's 4xx `ServiceError` becomes its entry."""
+    results: list[dict[str, Any]] = []
+    for data, filename in images:
+        try:
+            results.append(detect(model, data, p, output, filename))
+        except ServiceError as err:
+            if err.status >= 500:  # the service's fault, not the image's: the call fails
+                raise
+            results.append({"error": err.code, "detail": err.message, "status": err.status})
+    return results
 
 
 @serve.deployment
