@@ -6,6 +6,7 @@ visionserve detect cnn-face-detection face.jpg -o boxes.jpg
 visionserve detect face-detect-pigo https://example.com/face.jpg --json
 visionserve detect yunet-face-detection crowd.jpg --param small_faces=true -o faces.jpg
 visionserve detect yunet-face-detection crowd.jpg --param draw=blur -o blurred.jpg
+visionserve detect face-detect-pigo photos/ --out boxed/ --json faces.jsonl   # folder mode
 visionserve segment sam-mobile dog.jpg -o masks.png              # automatic, with progress
 visionserve segment sam-mobile dog.jpg --points 120,80 --labels 1 -o dog-masks.png
 """
@@ -28,6 +29,7 @@ from serve_app.client.actions import (
     save,
     saved_line,
 )
+from serve_app.client.folder import looks_like_folder_run, run_folder
 from serve_app.client.interactive import run_interactive
 from serve_app.client.service import (
     DEFAULT_URL,
@@ -73,11 +75,30 @@ def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
-def _add_model_args(parser: argparse.ArgumentParser, output_help: str) -> None:
+def _add_model_args(
+    parser: argparse.ArgumentParser, output_help: str, *, many: bool = False
+) -> None:
     parser.add_argument("model", help="model name (see `visionserve models`)")
-    parser.add_argument("image", help="a local image file or an http(s) URL")
+    if many:
+        parser.add_argument(
+            "image",
+            nargs="+",
+            help="a local image file or an http(s) URL; or folders/globs (folder mode)",
+        )
+    else:
+        parser.add_argument("image", help="a local image file or an http(s) URL")
     parser.add_argument("-o", "--output", type=Path, help=output_help)
-    parser.add_argument("--json", action="store_true", help="print the JSON answer on stdout")
+    if many:
+        parser.add_argument(
+            "--json",
+            nargs="?",
+            const=True,
+            default=False,
+            metavar="FILE.jsonl",
+            help="print the JSON answer on stdout; folder mode: append one line per image to FILE",
+        )
+    else:
+        parser.add_argument("--json", action="store_true", help="print the JSON answer on stdout")
     parser.add_argument(
         "--param",
         action="append",
@@ -85,6 +106,17 @@ def _add_model_args(parser: argparse.ArgumentParser, output_help: str) -> None:
         metavar="NAME=VALUE",
         help="a model parameter, e.g. confidence=0.5 (repeatable)",
     )
+
+
+def _add_folder_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "folder mode", "many images (folders, globs, several files) in batches, resumable"
+    )
+    g.add_argument("--out", type=Path, metavar="DIR", help="write <name>.jpg per image here")
+    g.add_argument("--draw", choices=["box", "blur", "pixelate"], help="how faces are marked")
+    g.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
+    g.add_argument("--batch", type=int, default=16, metavar="N", help="images a request (16)")
+    g.add_argument("--in-flight", type=int, default=2, metavar="N", help="requests at once (2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(
         p,
         "annotated image (.jpg or .png; `-` for stdout; default <image>-<model>.jpg unless --json)",
+        many=True,
     )
+    _add_folder_args(p)
 
     p = sub.add_parser(
         "segment",
@@ -244,7 +278,23 @@ def _run_flags(
 
 
 def cmd_detect(args: argparse.Namespace, service: Service) -> int:
-    return _run_flags(args, service, "detector", {})
+    params = {"draw": args.draw} if args.draw else {}
+    if looks_like_folder_run(args.image, args.out, args.json):
+        if args.output is not None:
+            raise ClientError("folder mode writes to --out DIR, not -o", EXIT_USAGE)
+        return run_folder(
+            service,
+            args.model,
+            args.image,
+            out=args.out,
+            json_path=Path(args.json) if isinstance(args.json, str) else None,
+            params={**parse_params(args.param), **params},
+            overwrite=args.overwrite,
+            batch_size=args.batch,
+            in_flight=args.in_flight,
+        )
+    args.image = args.image[0]
+    return _run_flags(args, service, "detector", params)
 
 
 def cmd_segment(args: argparse.Namespace, service: Service) -> int:

@@ -133,6 +133,22 @@ class Service:
         )
         return _answer(response)
 
+    def detect_batch(
+        self, model: str, files: list[tuple[str, bytes]], params: dict[str, Any], fmt: str
+    ) -> list[dict[str, Any]]:
+        """One result (or per-image error) for each (name, bytes), in order: one request."""
+        response = self._request(
+            "POST",
+            f"/v1/detect/{model}/batch",
+            params={"format": fmt},
+            files=[
+                ("file", (name, data, mimetypes.guess_type(name)[0] or "application/octet-stream"))
+                for name, data in files
+            ],
+            data={k: _form_value(v) for k, v in params.items()},
+        )
+        return response.json()["results"]
+
     def run_job(
         self,
         model: str,
