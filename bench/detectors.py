@@ -39,7 +39,7 @@ from typing import Any
 from serve_app.registry import names_of
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("VISIONSERVE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 DETECTORS = tuple(names_of("detector"))
 SAM = tuple(names_of("segmenter"))
 PIGO = "face-detect-pigo"
@@ -50,7 +50,9 @@ BATCH_SIZES = (1, 4, 16)
 INGRESS_ENV = {
     "default": {},
     "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    # HAProxy asks for ~2.5 descriptors a connection: its default 20000 connections exceed
+    # a 20000-descriptor hard limit (this machine's) and it refuses to start.
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_MAXCONN": "4096"},
 }
 
 
@@ -409,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "cpus": os.cpu_count(),
         "load_avg_at_start": os.getloadavg()[0],
+        "urls": urls,
     }
     if args.suite != "detectors":
         print(f"[2/3] bulk table: {PIGO} on {len(SHARED_IMAGES)} shared images, "

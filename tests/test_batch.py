@@ -8,7 +8,7 @@ import struct
 import zlib
 
 import pytest
-from conftest import shared_file
+from helpers import shared_file
 
 from serve_app.batch import Batch, BatchItem, chunks, run_batch
 from serve_app.config import Limits

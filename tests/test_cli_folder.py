@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, shared_file
+from helpers import REPO, shared_file
 
 from serve_app.client.folder import KILL_AFTER_ENV
 

@@ -217,9 +217,11 @@ def _send(
     try:
         return service.detect_batch(model, files, params, fmt)
     except ClientError as err:
-        if err.status is None:  # unreachable or cut off: no point sending the other batches
+        # Unreachable, or refused for what every batch shares (unknown model or parameter,
+        # no key): the other batches would fail alike, so stop here with the reason.
+        if err.status is None or (400 <= err.status < 500 and err.status != 413):
             raise
-        # The service refused or failed this batch as a whole: each of its images failed so.
+        # Too big or failed as a whole (413, 5xx): each of its images failed so; go on.
         return [{"error": "batch_failed", "detail": err.message, "status": err.status}] * len(
             group
         )
