@@ -380,14 +380,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="OpenCV threads, both sides")
-    ap.add_argument("--out", type=Path, help="default bench/results/detectors[-INGRESS].json")
+    ap.add_argument(
+        "--out", type=Path, help="default bench/results/detectors[-bulk][-INGRESS].json"
+    )
     args = ap.parse_args(argv)
     if not args.image.exists():
         print(f"{args.image} is absent (../shared/data); nothing to measure", file=sys.stderr)
         return 1
     # Read by Ray at import, in this process and in the Ray processes it starts.
     os.environ.update(INGRESS_ENV[args.ingress])
-    suffix = "" if args.ingress == "default" else f"-{args.ingress}"
+    suffix = ("-bulk" if args.suite == "bulk" else "") + (
+        "" if args.ingress == "default" else f"-{args.ingress}"
+    )
     out_path = args.out or ROOT / "bench" / "results" / f"detectors{suffix}.json"
 
     import cv2
