@@ -97,5 +97,4 @@ async def _ready(request: Request) -> JSONResponse:
     return JSONResponse({"pid": os.getpid()}, headers={"X-Worker": str(os.getpid())})
 
 
-plain_app = Starlette(routes=[Route("/detect", _detect, methods=["POST"]),
-                              Route("/ready", _ready)])
+plain_app = Starlette(routes=[Route("/detect", _detect, methods=["POST"]), Route("/ready", _ready)])

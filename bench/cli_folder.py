@@ -35,19 +35,30 @@ def start(model_dir: Path) -> str:
     from serve_app.config import load_config
     from serve_app.launch import deploy_config, free_port, with_overrides
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="vs-bench-"), namespace="serve",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=tempfile.mkdtemp(prefix="vs-bench-"),
+        namespace="serve",
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
     port = free_port()
     others = [n for n in load_config()["applications"][0]["args"]["models"] if n != PIGO]
-    small = {"ray_actor_options": {"num_cpus": 0.1, "memory": 512 * 2**20},
-             "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
+    small = {
+        "ray_actor_options": {"num_cpus": 0.1, "memory": 512 * 2**20},
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+    }
     cfg = with_overrides(
-        load_config(), port=port, args={"model_dir": str(model_dir)},
+        load_config(),
+        port=port,
+        args={"model_dir": str(model_dir)},
         models={n: None for n in others},
-        deployments={"router": small, "jobs": small,
-                     PIGO: {**small, "autoscaling_config": {"min_replicas": 2,
-                                                            "max_replicas": 2}}},
+        deployments={
+            "router": small,
+            "jobs": small,
+            PIGO: {**small, "autoscaling_config": {"min_replicas": 2, "max_replicas": 2}},
+        },
     )
     deploy_config(cfg, timeout_s=600)
     return f"http://127.0.0.1:{port}"
@@ -56,13 +67,32 @@ def start(model_dir: Path) -> str:
 def run_cli(url: str, src: Path, out: Path, log: Path, env: dict[str, str]) -> dict:
     t = time.perf_counter()
     r = subprocess.run(
-        [sys.executable, "-m", "serve_app.client.cli", "--url", url, "detect", PIGO, str(src),
-         "--out", str(out), "--json", str(log)],
-        capture_output=True, text=True, cwd=ROOT, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "serve_app.client.cli",
+            "--url",
+            url,
+            "detect",
+            PIGO,
+            str(src),
+            "--out",
+            str(out),
+            "--json",
+            str(log),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1800,
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
     )
-    return {"returncode": r.returncode, "seconds": round(time.perf_counter() - t, 2),
-            "stdout": r.stdout.strip().splitlines(), "progress": r.stderr.strip().splitlines()}
+    return {
+        "returncode": r.returncode,
+        "seconds": round(time.perf_counter() - t, 2),
+        "stdout": r.stdout.strip().splitlines(),
+        "progress": r.stderr.strip().splitlines(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,10 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         "jsonl_rows": len(rows),
         "jsonl_distinct_sources": len({r["source"] for r in rows}),
         "resumed_images_per_s": round(
-            (args.images - len(after_kill)) / max(second["seconds"], 1e-6), 2),
-        "ok": (first["returncode"] == -9 and len(after_kill) == args.kill_after
-               and second["returncode"] == 0 and len(outputs) == args.images
-               and decodable == args.images and untouched),
+            (args.images - len(after_kill)) / max(second["seconds"], 1e-6), 2
+        ),
+        "ok": (
+            first["returncode"] == -9
+            and len(after_kill) == args.kill_after
+            and second["returncode"] == 0
+            and len(outputs) == args.images
+            and decodable == args.images
+            and untouched
+        ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -150,9 +150,7 @@ def _from_json(body: bytes, lim: BatchLimits) -> Batch:
     except ValueError as err:
         raise ServiceError(400, "bad_json", f"invalid JSON: {str(err)[:200]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-        raise ServiceError(
-            400, "bad_json", "the JSON body must be an object with an `images` list"
-        )
+        raise ServiceError(400, "bad_json", "the JSON body must be an object with an `images` list")
     entries = doc.pop("images")
     if len(entries) > lim.max_batch_images:
         raise _too_many(len(entries), lim.max_batch_images)
@@ -276,9 +274,7 @@ async def run_batch(batch: Batch, call: ChunkCall, chunk_images: int) -> list[di
         else:
             for i, result in zip(group, outcome, strict=True):
                 results[i] = result
-    return [
-        {"index": i, **batch.items[i].label(), **(r or {})} for i, r in enumerate(results)
-    ]
+    return [{"index": i, **batch.items[i].label(), **(r or {})} for i, r in enumerate(results)]
 
 
 def batch_answer(model: str, results: list[dict[str, Any]]) -> dict[str, Any]:

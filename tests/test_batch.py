@@ -22,8 +22,13 @@ def png_header(width: int, height: int) -> bytes:
     """A PNG that announces width x height (and holds no pixels): sniffed, never decoded."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-            + struct.pack(">I", zlib.crc32(chunk)) + b"\0" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + b"\0" * 64
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +99,10 @@ def test_json_batch_with_urls_base64_and_an_ssrf_url(http, face, image_server):
 
 def test_batch_answers_match_single_requests(http, face, no_face):
     single = [http.post(f"/v1/detect/{MODEL}", content=img).json() for img in (face, no_face)]
-    r = http.post(ROUTE, files=[("file", ("a.jpg", face, "image/jpeg")),
-                                ("file", ("b.png", no_face, "image/png"))])
+    r = http.post(
+        ROUTE,
+        files=[("file", ("a.jpg", face, "image/jpeg")), ("file", ("b.png", no_face, "image/png"))],
+    )
     batch = r.json()["results"]
     for one, many in zip(single, batch, strict=True):
         assert many["faces"] == one["faces"] and many["width"] == one["width"]
@@ -124,18 +131,23 @@ def test_batch_pixel_budget_is_413(http):
     side = int((lim.max_pixels * 0.9) ** 0.5)  # each image under the per-image limit
     count = lim.max_batch_pixels // (side * side) + 1  # together over the batch's
     assert count <= lim.max_batch_images
-    r = http.post(ROUTE, files=[("file", (f"{i}.png", png_header(side, side), "image/png"))
-                                for i in range(count)])
+    r = http.post(
+        ROUTE,
+        files=[("file", (f"{i}.png", png_header(side, side), "image/png")) for i in range(count)],
+    )
     assert r.status_code == 413 and r.json()["error"] == "too_many_pixels", r.text
     assert "max_batch_pixels" in r.json()["detail"]
 
 
-@pytest.mark.parametrize(("kwargs", "status", "code"), [
-    ({"content": b"raw bytes"}, 415, "unsupported_media_type"),
-    ({"json": {"url": "http://x/y.jpg"}}, 400, "bad_json"),
-    ({"json": {"images": []}}, 400, "no_image"),
-    ({"files": [("other", ("a.txt", b"hi", "text/plain"))]}, 400, "no_image"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"content": b"raw bytes"}, 415, "unsupported_media_type"),
+        ({"json": {"url": "http://x/y.jpg"}}, 400, "bad_json"),
+        ({"json": {"images": []}}, 400, "no_image"),
+        ({"files": [("other", ("a.txt", b"hi", "text/plain"))]}, 400, "no_image"),
+    ],
+)
 def test_bad_batches_are_refused_whole(http, kwargs, status, code):
     r = http.post(ROUTE, **kwargs)
     assert r.status_code == status and r.json()["error"] == code, r.text
@@ -157,9 +169,16 @@ def test_chunks_are_contiguous_and_even():
 
 
 def _batch(n: int, bad: set[int]) -> Batch:
-    return Batch([BatchItem(filename=f"{i}.jpg", data=b"x",
-                            error={"error": "bad", "detail": "d", "status": 400}
-                            if i in bad else None) for i in range(n)])
+    return Batch(
+        [
+            BatchItem(
+                filename=f"{i}.jpg",
+                data=b"x",
+                error={"error": "bad", "detail": "d", "status": 400} if i in bad else None,
+            )
+            for i in range(n)
+        ]
+    )
 
 
 def test_run_batch_calls_once_per_chunk_and_keeps_order():

@@ -24,14 +24,22 @@ from helpers import REPO, shared_file
 from serve_app.client.folder import KILL_AFTER_ENV
 
 MODEL = "face-detect-pigo"
-SOURCES = ("pigo_sample.jpg", "skimage_astronaut.png", "skimage_camera.png", "skimage_chelsea.png",
-           "skimage_coffee.png", "dog.jpg")
+SOURCES = (
+    "pigo_sample.jpg",
+    "skimage_astronaut.png",
+    "skimage_camera.png",
+    "skimage_chelsea.png",
+    "skimage_coffee.png",
+    "dog.jpg",
+)
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
     base = {k: v for k, v in os.environ.items() if not k.startswith("VISIONSERVE_")}
     return subprocess.run(
-        [sys.executable, "-m", "serve_app.client.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "serve_app.client.cli", *args],
+        capture_output=True,
+        text=True,
         env={**base, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})},
         timeout=timeout,
     )
@@ -55,8 +63,21 @@ def photos(tmp_path) -> Path:
 
 def test_folder_mode_writes_every_output_and_resumes_after_a_kill(service, photos, tmp_path):
     out, log = tmp_path / "boxed", tmp_path / "faces.jsonl"
-    args = ["--url", service["url"], "detect", MODEL, str(photos), "--out", str(out),
-            "--json", str(log), "--batch", "4", "--in-flight", "2"]
+    args = [
+        "--url",
+        service["url"],
+        "detect",
+        MODEL,
+        str(photos),
+        "--out",
+        str(out),
+        "--json",
+        str(log),
+        "--batch",
+        "4",
+        "--in-flight",
+        "2",
+    ]
 
     first = cli(*args, env={KILL_AFTER_ENV: "12"})
     assert first.returncode == -signal.SIGKILL, first.stderr
@@ -117,11 +138,14 @@ def test_json_only_resumes_from_the_jsonl(service, photos, tmp_path):
     assert len(log.read_text().splitlines()) == count  # --overwrite starts the file afresh
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ([], "needs --out DIR and/or --json FILE"),
-    (["--out", "o", "-o", "x.jpg"], "not -o"),
-    (["--out", "o", "--batch", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "needs --out DIR and/or --json FILE"),
+        (["--out", "o", "-o", "x.jpg"], "not -o"),
+        (["--out", "o", "--batch", "0"], "at least 1"),
+    ],
+)
 def test_folder_mode_usage_errors(photos, tmp_path, extra, message):
     r = cli("--url", "http://127.0.0.1:9", "detect", MODEL, str(photos), *extra, timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -222,9 +222,7 @@ def _send(
         if err.status is None or (400 <= err.status < 500 and err.status != 413):
             raise
         # Too big or failed as a whole (413, 5xx): each of its images failed so; go on.
-        return [{"error": "batch_failed", "detail": err.message, "status": err.status}] * len(
-            group
-        )
+        return [{"error": "batch_failed", "detail": err.message, "status": err.status}] * len(group)
 
 
 def run_folder(
