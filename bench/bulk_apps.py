@@ -35,7 +35,7 @@ class Worker:
         cls = MODELS[MODEL].deployment_class().func_or_class
         self.replica = cls(MODEL, {"threads": threads}, model_dir, 50_000_000)
         self.model = self.replica.ready_model()
-        self.params = parse_params(self.replica.PARAMS, {})
+        self.params = parse_params({**self.replica.PARAMS, **self.replica.RENDER_PARAMS}, {})
 
     def __call__(self, data: bytes) -> dict[str, Any]:
         return self.replica._detect(self.model, data, self.params, "json", None)

@@ -114,6 +114,11 @@ def test_base64_format_returns_an_annotated_image_per_item(http, face):
     item = r.json()["results"][0]
     assert base64.b64decode(item["image_base64"])[:3] == b"\xff\xd8\xff"
     assert http.post(f"{ROUTE}?format=png", files=[("file", ("a.jpg", face))]).status_code == 422
+    blurred = http.post(f"{ROUTE}?format=base64&draw=blur", files=[("file", ("a.jpg", face))])
+    assert blurred.status_code == 200, blurred.text
+    assert blurred.json()["results"][0]["image_base64"] != item["image_base64"]
+    r = http.post(f"{ROUTE}?draw=sparkles", files=[("file", ("a.jpg", face))])
+    assert r.status_code == 422 and r.json()["error"] == "bad_parameter", r.text
 
 
 def test_too_many_images_is_413(http):

@@ -113,7 +113,17 @@ def test_failed_images_exit_non_zero_with_a_summary(service, tmp_path):
     shutil.copy(shared_file("images", "pigo_sample.jpg"), folder / "good.jpg")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)
     out = tmp_path / "out"
-    r = cli("--url", service["url"], "detect", MODEL, str(folder / "*.jpg"), "--out", str(out))
+    r = cli(
+        "--url",
+        service["url"],
+        "detect",
+        MODEL,
+        str(folder / "*.jpg"),
+        "--out",
+        str(out),
+        "--draw",
+        "pixelate",
+    )
     assert r.returncode == 4, r.stderr
     assert "2 images: 1 done, 0 skipped (output exists), 1 failed" in r.stdout
     assert "broken.jpg: 422" in r.stderr and "bad_image" not in r.stdout

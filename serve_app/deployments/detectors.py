@@ -68,7 +68,8 @@ class DetectorDeployment(ModelDeployment):
         """`detect` for each (bytes, filename) in one call; a bad image gets an error entry."""
         if output not in OUTPUTS:
             raise ServiceError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
-        p = parse_params(self.PARAMS, params)  # shared: a bad one fails the whole batch
+        # Shared by every image: a bad one fails the whole batch.
+        p = parse_params({**self.PARAMS, **self.RENDER_PARAMS}, params)
         model = self.ready_model()
         return await asyncio.to_thread(detect_each, self._detect, model, images, p, output)
 
