@@ -12,6 +12,7 @@ import copy
 from typing import Any
 
 from kuberay.sizing import GROUP_LABEL, SizingError, group_of
+from serve_app.registry import MODELS
 
 CLUSTER_HOST = "0.0.0.0"  # the Serve proxy must listen on the pod IP for the Service to reach it
 SHUTDOWN_MARGIN_S = 30  # a pod's terminationGracePeriodSeconds beyond its longest replica drain
@@ -36,7 +37,11 @@ def cluster_serve_config(serve_cfg: dict[str, Any], cluster: dict[str, Any]) -> 
     cfg.setdefault("http_options", {})["host"] = CLUSTER_HOST
     app = cfg["applications"][0]
     deps = {d["name"]: d for d in app["deployments"]}
-    overrides = ((cluster.get("serve") or {}).get("deployments")) or {}
+    serve = cluster.get("serve") or {}
+    overrides = serve.get("deployments") or {}
+    # A model's cluster resources come from its kind unless the overlay names it, so a model
+    # added to the registry and config/serve.yaml runs on the cluster without a line here.
+    by_kind = serve.get("byKind") or {}
     unknown = sorted(set(overrides) - set(deps))
     if unknown:
         raise SizingError(f"kuberay/cluster.yaml serve.deployments: unknown {unknown}")
@@ -46,7 +51,8 @@ def cluster_serve_config(serve_cfg: dict[str, Any], cluster: dict[str, Any]) -> 
     merged = []
     for dep in app["deployments"]:
         name = dep["name"]
-        new = _merge(dep, overrides.get(name) or {})
+        kind = MODELS[name].kind if name in MODELS else None
+        new = _merge(_merge(dep, by_kind.get(kind) or {}), overrides.get(name) or {})
         opts = new.setdefault("ray_actor_options", {})
         if name in where:
             opts["label_selector"] = {GROUP_LABEL: where[name]}

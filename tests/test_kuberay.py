@@ -233,9 +233,11 @@ def test_cluster_num_cpus_are_whole_threads_for_models(serve_cfg):
 
 
 def test_each_deployment_selects_its_group(serve_cfg, cluster):
-    for dep in serve_cfg["applications"][0]["deployments"]:
+    deps = serve_cfg["applications"][0]["deployments"]
+    where = sizing.group_of(cluster, [d["name"] for d in deps])
+    for dep in deps:
         selector = dep["ray_actor_options"]["label_selector"]
-        assert selector == {"visionserve.io/group": cluster["placement"][dep["name"]]}
+        assert selector == {"visionserve.io/group": where[dep["name"]]}
 
 
 def test_graceful_shutdown_covers_the_model_timeouts(serve_cfg, manifest):
@@ -305,9 +307,11 @@ def test_every_replica_fits_a_pod_of_its_group(cluster, serve_cfg):
 
 def test_replicas_fit_only_the_group_they_select(cluster, serve_cfg):
     groups = sizing.groups(cluster)
-    for r in sizing.replicas(serve_cfg):
+    reps = sizing.replicas(serve_cfg)
+    where = sizing.group_of(cluster, [r.name for r in reps])
+    for r in reps:
         fits = {g.name for g in groups if sizing.fits(r, g)}
-        assert fits == {cluster["placement"][r.name]}, (r.name, fits)
+        assert fits == {where[r.name]}, (r.name, fits)
 
 
 def test_max_replicas_of_every_model_fit_the_groups_max(cluster, serve_cfg):
@@ -698,3 +702,20 @@ def test_serve_downscale_tie_reproduction():
     assert reproduce() == {"stopped": ["detector-1", "detector-3", "detector-4"],
                            "kept": ["detector-2"], "kept_on": ["C"],
                            "nodes_still_busy": ["A", "B", "C"]}
+
+
+def test_a_new_detector_needs_no_line_in_the_cluster_overlay(cluster, serve_cfg):
+    """A model of a known kind gets its group and its cluster resources from its kind."""
+    from kuberay.overlay import cluster_serve_config
+
+    laptop = load_config()
+    for name in ("yunet-face-detection", "face-detect-pigo"):
+        assert name not in (cluster.get("placement") or {})
+        assert name not in cluster["serve"]["deployments"]
+    merged = {d["name"]: d for d in cluster_serve_config(laptop, cluster)["applications"][0]
+              ["deployments"]}
+    detector = merged["yunet-face-detection"]["ray_actor_options"]
+    assert detector["num_cpus"] == cluster["serve"]["byKind"]["detector"]["ray_actor_options"][
+        "num_cpus"]
+    assert detector["label_selector"] == {"visionserve.io/group": "cpu"}
+    assert merged["yunet-face-detection"]["graceful_shutdown_timeout_s"] >= 30
