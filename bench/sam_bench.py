@@ -1,26 +1,33 @@
-"""Benchmark: FastMaskGenerator vs segment_anything's SamAutomaticMaskGenerator.
+"""Benchmark: FastMaskGenerator vs segment_anything's SamAutomaticMaskGenerator, and the
+image encoder in float32 vs bfloat16.
 
-    .venv/bin/python bench/sam_bench.py [--quick]
+    .venv/bin/python bench/sam_bench.py [--quick] [--reference-memory]
 
-Writes bench/results/sam_bench.json. All models have random weights (no checkpoint here):
-compute is the same as with trained weights, the masks mean nothing, and the IoU head's
-scores are low, which matters for (a), see below.
+Writes bench/results/sam_bench.json (bench/results/sam_bench_quick.json with --quick). All
+models have random weights (no checkpoint here): compute is the same as with trained
+weights, the masks mean nothing, and the IoU head's scores are low, see `flattered`.
 
-(a) speed: vit_b, the same model object and ~1 MP image for both, each generator with its
-    defaults (32x32 points; 12x12 with --quick). With random weights no mask
-    passes the default pred_iou_thresh (0.88), so the reference still upsamples every mask
-    while ours skips the mask upscaler entirely: that ratio flatters us. The run with every
-    filter off (b) is the opposite extreme (every mask kept and decoded at full size);
-    both are reported. Wall and CPU times, measured in the same process, one after the
-    other (the machine is shared: compare ratios, not absolute times).
-(b) fidelity: thresholds 0 and NMS off on both (16x16 points; 6x6 with --quick); each
-    reference mask matched to ours from the same point prompt; IoU min/mean.
-(c) peak RSS at 1, 6, 12, 24 MP, one subprocess per generator and size (VmHWM polled
-    from /proc; the reference is killed above 14 GB and reported as such). Tiny model
-    (same decoder and post-processing as vit_b; encoder cost does not depend on image
-    size), 8x8 points = one full 64-point batch (4x4 and 1/12 MP only with --quick),
-    every filter off so every mask is kept: the worst case for both.
-(d) prompted: vit_b, one point on a ~1 MP image, a new key (encoder runs) vs the same key.
+(e) encoder: vit_b, ~1 MP: fused vs stock (segment_anything's module), float32 vs bf16
+    (autocast), and the bf16 embedding's relative error; the same for MobileSAM's TinyViT.
+(a) speed, defaults: vit_b, 32x32 points (12x12 with --quick), each generator with its
+    default thresholds; ours in float32 and bf16. With random weights no mask passes
+    pred_iou_thresh (0.88), so the reference still upsamples every mask while ours skips
+    the mask upscaler entirely: that ratio flatters us.
+(b) speed, every filter off (thresholds 0, NMS off), same grid: every mask is kept and
+    decoded at full size on both sides, the honest ratio. Fidelity: each reference mask
+    matched to ours from the same point prompt, IoU min/mean; bf16 vs float32 likewise.
+(f) crop layers: ours with crop_n_layers=1 vs 0 at the defaults (float32 and bf16), and
+    fidelity vs the reference at crop_n_layers=1 with every filter off (8x8 points).
+(d) prompted: vit_b and MobileSAM, one point on a ~1 MP image, a new key (encoder runs)
+    vs the same key, float32 and bf16; mask IoU bf16 vs float32 per prompt.
+(c) peak RSS, one subprocess per run (VmHWM polled from /proc). Tiny model (same decoder
+    and post-processing as vit_b; encoder cost does not depend on image size), 8x8 points
+    (4x4 with --quick), every filter off: ours at 1 and 12 MP with crop_n_layers 0 and 1;
+    the reference at 1 MP (with --reference-memory also 6, 12 MP, killed above 14 GB: not
+    run by default on a shared machine).
+Stage times (encoder / decoder / postprocess) come from the generator's progress reports.
+Wall and CPU times are measured in one process, one after the other; the machine is
+shared, so compare ratios within the run, not absolute times across runs.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,73 +103,93 @@ def as_dicts(records) -> list[dict]:
 
 
 class StageClock:
-    """Progress callback that records when each stage ended (wall seconds)."""
+    """Progress callback summing wall seconds per stage (encoder, decoder, postprocess):
+    the time up to each report is the reported stage's (reports come as work ends)."""
 
     def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.marks: dict[str, float] = {}
+        self.last = time.perf_counter()
+        self.totals: dict[str, float] = {}
 
     def __call__(self, fraction: float, stage: str) -> None:
-        key = "decoder" if stage.startswith("decoder") else stage
-        self.marks[key] = time.perf_counter() - self.t0
+        now = time.perf_counter()
+        key = stage.split(" ")[0]
+        self.totals[key] = self.totals.get(key, 0.0) + now - self.last
+        self.last = now
 
     def stages(self) -> dict[str, float]:
-        out, prev = {}, 0.0
-        for k, t in self.marks.items():
-            out[k] = round(t - prev, 2)
-            prev = t
-        return out
+        return {k: round(v, 2) for k, v in self.totals.items()}
 
 
-def run_pair(sam, image, label: str, **kw) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for kind in ("reference", "fast"):
-        log(f"{label}: {kind} ...")
-        clock = StageClock()
-        gen = generator(kind, sam, **kw)
-        if kind == "fast":
-            masks, wall, cpu = timed(lambda g=gen, c=clock: g.generate(image, progress=c))
-        else:
-            masks, wall, cpu = timed(lambda g=gen: g.generate(image))
-        out[kind] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "masks": len(masks)}
-        if kind == "fast":
-            out[kind]["stages_wall_s"] = clock.stages()
-        out[f"_{kind}_records"] = as_dicts(masks)
-        log(f"{label}: {kind} {wall:.1f} s wall, {cpu:.1f} s CPU, {len(masks)} masks")
-    ref, fast = out["reference"], out["fast"]
-    out["speedup_wall"] = round(ref["wall_s"] / fast["wall_s"], 2)
-    out["speedup_cpu"] = round(ref["cpu_s"] / fast["cpu_s"], 2)
-    return out
+def run_fast(sam, image, label: str, dtype, **kw) -> dict[str, Any]:
+    import torch
+
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    log(f"{label}: fast {name} ...")
+    clock = StageClock()
+    gen = generator("fast", sam, dtype=dtype, **kw)
+    masks, wall, cpu = timed(lambda: gen.generate(image, progress=clock))
+    log(f"{label}: fast {name} {wall:.1f} s wall, {cpu:.1f} s CPU, {len(masks)} masks")
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "masks": len(masks),
+        "stages_wall_s": clock.stages(),
+        "_records": masks,
+    }
 
 
-def fidelity(ref: list[dict], fast: list[dict]) -> dict[str, Any]:
-    """Each reference mask vs our masks from the same point: best IoU."""
-    import numpy as np
+def run_reference(sam, image, label: str, **kw) -> dict[str, Any]:
+    log(f"{label}: reference ...")
+    gen = generator("reference", sam, **kw)
+    masks, wall, cpu = timed(lambda: gen.generate(image))
+    log(f"{label}: reference {wall:.1f} s wall, {cpu:.1f} s CPU, {len(masks)} masks")
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "masks": len(masks),
+        "_records": masks,
+    }
 
-    from serve_app.rendering import rle
 
-    by_point: dict[str, list[np.ndarray]] = {}
-    for r in fast:
-        by_point.setdefault(json.dumps(r["point_coords"]), []).append(rle.decode(r["segmentation"]))
-    ious, identical = [], 0
-    for r in ref:
-        a = rle.decode(r["segmentation"])
-        best = 0.0
-        for b in by_point.get(json.dumps(r["point_coords"]), []):
-            union = np.logical_or(a, b).sum()
-            iou = float(np.logical_and(a, b).sum() / union) if union else 1.0
-            best = max(best, iou)
-            identical += int(iou == 1.0)
-        ious.append(best)
-    same_order = [r["point_coords"] for r in ref] == [r["point_coords"] for r in fast]
+def compare_runs(sam, image, label: str, reference: bool, **kw) -> tuple[dict, dict]:
+    """Reference (float32) and ours in float32 and bf16 on the same settings: times,
+    ratios and the records (popped by the caller)."""
+    import torch
+
+    runs: dict[str, Any] = {}
+    if reference:
+        runs["reference_float32"] = run_reference(sam, image, label, **kw)
+    runs["fast_float32"] = run_fast(sam, image, label, torch.float32, **kw)
+    runs["fast_bfloat16"] = run_fast(sam, image, label, torch.bfloat16, **kw)
+    records = {k: v.pop("_records") for k, v in runs.items()}
+    f32, b16 = runs["fast_float32"]["wall_s"], runs["fast_bfloat16"]["wall_s"]
+    runs["bfloat16_over_float32_wall"] = round(b16 / f32, 3)
+    if reference:
+        ref = runs["reference_float32"]
+        runs["speedup_wall_float32"] = round(ref["wall_s"] / f32, 2)
+        runs["speedup_wall_bfloat16"] = round(ref["wall_s"] / b16, 2)
+        runs["speedup_cpu_float32"] = round(ref["cpu_s"] / runs["fast_float32"]["cpu_s"], 2)
+        runs["speedup_cpu_bfloat16"] = round(ref["cpu_s"] / runs["fast_bfloat16"]["cpu_s"], 2)
+    return runs, records
+
+
+def fidelity(ref: list, fast: list) -> dict[str, Any]:
+    """Each `ref` mask vs the `fast` masks from the same point prompt (and crop): best IoU."""
+    from serve_app.models.sam.compare import iou_stats, matched_ious
+
+    def coords(rs):
+        return [(r if isinstance(r, dict) else r.as_dict())["point_coords"] for r in rs]
+
+    ious = matched_ious(ref, fast)
+    stats = iou_stats(ious)
     return {
         "reference_masks": len(ref),
         "fast_masks": len(fast),
-        "matched_iou_min": round(min(ious), 6) if ious else None,
-        "matched_iou_mean": round(statistics.fmean(ious), 6) if ious else None,
+        "matched_iou_min": stats["iou_min"],
+        "matched_iou_mean": stats["iou_mean"],
         "matched_below_0.9": sum(i < 0.9 for i in ious),
-        "pixel_identical": identical,
-        "same_order": same_order,
+        "pixel_identical": sum(i == 1.0 for i in ious),
+        "same_order": coords(ref) == coords(fast),
     }
 
 
@@ -173,7 +201,7 @@ def child(spec: dict) -> None:
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     sam = build(spec["variant"])
     image = image_rgb(spec["mp"])
-    kw = {"points_per_side": spec["points"], **UNFILTERED}
+    kw = {"points_per_side": spec["points"], "crop_n_layers": spec.get("crop", 0), **UNFILTERED}
     masks, wall, cpu = timed(lambda: generator(spec["kind"], sam, **kw).generate(image))
     # Not ru_maxrss: Linux carries it over exec from the (large) parent process.
     peak_kib = _status_kib(os.getpid(), "VmHWM")
@@ -202,8 +230,8 @@ def _status_kib(pid: int, field: str) -> int | None:
     return None
 
 
-def memory_run(kind: str, mp: float, variant: str, points: int) -> dict[str, Any]:
-    spec = {"kind": kind, "mp": mp, "variant": variant, "points": points}
+def memory_run(kind: str, mp: float, variant: str, points: int, crop: int = 0) -> dict[str, Any]:
+    spec = {"kind": kind, "mp": mp, "variant": variant, "points": points, "crop": crop}
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", json.dumps(spec)],
         stdout=subprocess.PIPE,
@@ -234,10 +262,10 @@ def memory_run(kind: str, mp: float, variant: str, points: int) -> dict[str, Any
 
 
 # -- (d) prompted ------------------------------------------------------------------------
-def prompted(sam, image, cached_runs: int = 5) -> dict[str, Any]:
+def prompted(sam, image, dtype, cached_runs: int = 5) -> dict[str, Any]:
     from serve_app.models.sam.prompt import PromptedSegmenter
 
-    seg = PromptedSegmenter(sam, cache_bytes=64 * 2**20)
+    seg = PromptedSegmenter(sam, cache_bytes=64 * 2**20, dtype=dtype)
     h, w = image.shape[:2]
     point = [(w * 0.4, h * 0.6)]
     _, cold, _ = timed(lambda: seg.segment(image, "cold", points=point, multimask=True))
@@ -252,13 +280,64 @@ def prompted(sam, image, cached_runs: int = 5) -> dict[str, Any]:
         "cold_s": round(cold, 3),
         "cached_s_median": round(cached, 4),
         "cached_over_cold": round(cached / cold, 4),
-        "image_hw": [h, w],
     }
+
+
+def encoder_times(sam, image, kinds) -> dict[str, Any]:
+    """Wall/CPU seconds of one embedding per (name, fused, dtype), after a warm-up run."""
+    from serve_app.models.sam.encoder import embed
+
+    out: dict[str, Any] = {}
+    for name, fused, dtype in kinds:
+        _, wall, cpu = timed(lambda f=fused, d=dtype: embed(sam, image, fused=f, dtype=d))
+        out[name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+        log(f"encoder {name}: {wall:.1f} s")
+    return out
+
+
+CROP_EDGE = (
+    "the reference drops masks whose box lies within 20 px of a crop edge inside the "
+    "image and has no switch for it; random weights make every mask a large blob touching "
+    "its crop's edges, so with the filter on no crop mask survives on either side"
+)
+
+
+@contextmanager
+def crop_edge_filter_off():
+    """Both generators without the crop-edge filter (see CROP_EDGE)."""
+    from unittest import mock
+
+    import torch
+
+    def never(boxes, crop_box, orig_box, atol=20.0):
+        return torch.zeros(len(boxes), dtype=torch.bool)
+
+    with (
+        mock.patch("segment_anything.automatic_mask_generator.is_box_near_crop_edge", never),
+        mock.patch("serve_app.models.sam.amg.is_box_near_crop_edge", never),
+    ):
+        yield
+
+
+FLATTERED = (
+    "speed_defaults is flattered by random weights: their predicted IoUs stay below "
+    "pred_iou_thresh (0.88), so no mask survives and ours skips the mask upscaler and all "
+    "full-size work while the reference still upsamples every mask. speed_unfiltered (every "
+    "filter off, every mask decoded on both sides) is the honest ratio; with real weights "
+    "and default thresholds the ratio lies between the two. The bf16 fidelity figures are "
+    "for random weights too: real-weight mask agreement is not measured here "
+    "(python -m serve_app.models.sam.compare measures it on your own weights and image)."
+)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer points and sizes (~5 min)")
+    ap.add_argument("--quick", action="store_true", help="fewer points and sizes (~10 min)")
+    ap.add_argument(
+        "--reference-memory",
+        action="store_true",
+        help="also the reference's peak RSS at 6 and 12 MP (up to 14 GB)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -267,14 +346,19 @@ def main() -> None:
 
     import torch
 
+    from serve_app.models.sam import compare
+    from serve_app.models.sam.precision import native_bf16
+
+    global RESULTS
     t_start = time.perf_counter()
     quick = args.quick
-    # Speed at the generators' defaults uses the default 32x32 grid (16x16 with --quick);
-    # the unfiltered run decodes every mask of both, so it uses a coarser grid.
+    if quick:
+        RESULTS = RESULTS.with_name("sam_bench_quick.json")
     points = 12 if quick else 32
-    fid_points = 6 if quick else 16
-    sizes = [1, 12] if quick else [1, 6, 12, 24]
+    crop_fid_points = 4 if quick else 8
     mem_points = 4 if quick else 8
+    bf16 = torch.bfloat16
+    native, why = native_bf16(torch.device("cpu"))
     result: dict[str, Any] = {
         "command": "bench/sam_bench.py" + (" --quick" if quick else ""),
         "machine": {
@@ -282,67 +366,159 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native,
+            "native_bf16_reason": why,
             "processor": platform.processor() or platform.machine(),
             "loadavg_start": os.getloadavg(),
         },
         "weights": "random (checkpoint=None): timings are real, masks meaningless",
+        "flattered": FLATTERED,
     }
 
-    log("building vit_b (random weights)")
+    log(f"building vit_b (random weights); native bf16: {native} ({why})")
     sam = build("vit_b")
     image = image_rgb(1.0)
     result["image_hw"] = list(image.shape[:2])
+
+    # (e) encoder. The first run warms up (oneDNN kernels, allocator); not reported.
     from serve_app.models.sam.encoder import embed
 
-    # Warm-up, and the encoder on its own: the reference runs the stock module, ours the
-    # same weights with fused attention (serve_app/models/sam/vit.py).
-    result["encoder"] = {}
-    for name, fused in (("fused", True), ("stock", False)):
-        if quick and name == "stock":
-            continue
-        _, wall, cpu = timed(lambda f=fused: embed(sam, image, fused=f))
-        result["encoder"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
-        log(f"encoder ({name}) {wall:.1f} s")
-
-    # (a) speed with each generator's defaults
-    speed = run_pair(sam, image, "defaults", points_per_side=points)
-    speed.pop("_reference_records"), speed.pop("_fast_records")
-    result["speed_defaults"] = {"model": "vit_b", "points_per_side": points, **speed}
-    # (b) every filter off: fidelity, and the other end of the speed range
-    pair = run_pair(sam, image, "unfiltered", points_per_side=fid_points, **UNFILTERED)
-    fid = fidelity(pair.pop("_reference_records"), pair.pop("_fast_records"))
-    result["speed_unfiltered"] = {"model": "vit_b", "points_per_side": fid_points, **pair}
-    result["fidelity"] = {"model": "vit_b", "points_per_side": fid_points, **UNFILTERED, **fid}
-    log(f"fidelity {fid}")
+    embed(sam, image, dtype=bf16)
+    kinds = [("fused_float32", True, torch.float32), ("fused_bfloat16", True, bf16)]
+    kinds += [("stock_float32", False, torch.float32), ("stock_bfloat16", False, bf16)]
+    enc = encoder_times(sam, image, kinds)
+    enc["fused_bfloat16_over_stock_float32_speedup"] = round(
+        enc["stock_float32"]["wall_s"] / enc["fused_bfloat16"]["wall_s"], 2
+    )
+    enc["fused_bfloat16_over_fused_float32_speedup"] = round(
+        enc["fused_float32"]["wall_s"] / enc["fused_bfloat16"]["wall_s"], 2
+    )
+    enc["embedding_bfloat16_vs_float32"] = compare.embedding_error(sam, image)
+    result["encoder"] = {"model": "vit_b", **enc}
+    log(f"encoder {result['encoder']}")
     _write(result)
 
-    # (d) prompted
-    result["prompted"] = {"model": "vit_b", **prompted(sam, image)}
+    # (d) prompted, vit_b: cold (encoder + one decode) and cached, both dtypes.
+    pr = {"float32": prompted(sam, image, torch.float32), "bfloat16": prompted(sam, image, bf16)}
+    pr["cold_bfloat16_over_float32"] = round(pr["bfloat16"]["cold_s"] / pr["float32"]["cold_s"], 3)
+    pr["masks_bfloat16_vs_float32"] = compare.prompted_ious(sam, image, side=4)
+    result["prompted"] = {"model": "vit_b", "image_hw": list(image.shape[:2]), **pr}
     log(f"prompted {result['prompted']}")
-    sam = None  # free it before the memory runs
+    _write(result)
+
+    # (a) speed with each generator's defaults
+    runs, recs = compare_runs(sam, image, "defaults", True, points_per_side=points)
+    result["speed_defaults"] = {"model": "vit_b", "points_per_side": points, **runs}
+    _write(result)
+
+    # (b) every filter off: the honest ratio, fidelity, bf16 vs float32
+    runs, recs = compare_runs(sam, image, "unfiltered", True, points_per_side=points, **UNFILTERED)
+    result["speed_unfiltered"] = {
+        "model": "vit_b",
+        "points_per_side": points,
+        **UNFILTERED,
+        **runs,
+    }
+    fid = fidelity(recs["reference_float32"], recs["fast_float32"])
+    result["fidelity"] = {"model": "vit_b", "points_per_side": points, **UNFILTERED, **fid}
+    log(f"fidelity {fid}")
+    fid16 = fidelity(recs["fast_float32"], recs["fast_bfloat16"])
+    result["fidelity_bfloat16_vs_float32"] = {
+        "model": "vit_b",
+        "points_per_side": points,
+        **UNFILTERED,
+        "share_below_0.9": round(fid16["matched_below_0.9"] / max(fid16["reference_masks"], 1), 6),
+        **fid16,
+    }
+    log(f"fidelity bf16 vs float32 {result['fidelity_bfloat16_vs_float32']}")
+    del recs
+    _write(result)
+
+    # (f) crop layers: on vs off at the defaults (ours), fidelity vs the reference
+    crop = {}
+    for layers in (0, 1):
+        if layers == 0:
+            d = result["speed_defaults"]
+            crop["crop_n_layers_0"] = {k: d[k] for k in ("fast_float32", "fast_bfloat16")}
+            continue
+        runs, _ = compare_runs(sam, image, "crop 1", False, points_per_side=points, crop_n_layers=1)
+        crop[f"crop_n_layers_{layers}"] = runs
+    for dt in ("fast_float32", "fast_bfloat16"):
+        crop[f"{dt}_crop1_over_crop0_wall"] = round(
+            crop["crop_n_layers_1"][dt]["wall_s"] / crop["crop_n_layers_0"][dt]["wall_s"], 2
+        )
+    kw = {"points_per_side": crop_fid_points, "crop_n_layers": 1, "crop_nms_thresh": 1.0}
+    kw.update(UNFILTERED)
+    with crop_edge_filter_off():
+        ref = run_reference(sam, image, "crop fidelity", **kw)
+        fast = run_fast(sam, image, "crop fidelity", torch.float32, **kw)
+    crop["fidelity_crop_n_layers_1"] = {
+        "model": "vit_b",
+        **kw,
+        "crop_edge_filter": "off on both sides (patched): " + CROP_EDGE,
+        "crops_with_masks": len({tuple(r["crop_box"]) for r in ref["_records"]}),
+        "reference_wall_s": ref["wall_s"],
+        "fast_float32_wall_s": fast["wall_s"],
+        **fidelity(ref["_records"], fast["_records"]),
+    }
+    result["crop_layers"] = {"model": "vit_b", "points_per_side": points, **crop}
+    log(f"crop layers {result['crop_layers']}")
+    sam = None  # free it
+    _write(result)
+
+    # MobileSAM: encoder, prompted and automatic (unfiltered) in both dtypes
+    log("building MobileSAM (random weights)")
+    mobile = build("mobile")
+    embed(mobile, image, dtype=bf16)  # warm-up
+    menc = encoder_times(
+        mobile, image, [("float32", True, torch.float32), ("bfloat16", True, bf16)]
+    )
+    menc["bfloat16_speedup"] = round(menc["float32"]["wall_s"] / menc["bfloat16"]["wall_s"], 2)
+    menc["embedding_bfloat16_vs_float32"] = compare.embedding_error(mobile, image)
+    mpr = {
+        "float32": prompted(mobile, image, torch.float32),
+        "bfloat16": prompted(mobile, image, bf16),
+    }
+    mpr["cold_bfloat16_over_float32"] = round(
+        mpr["bfloat16"]["cold_s"] / mpr["float32"]["cold_s"], 3
+    )
+    mpr["masks_bfloat16_vs_float32"] = compare.prompted_ious(mobile, image, side=4)
+    mauto = compare.automatic_ious(mobile, image, points_per_side=points // 2, **UNFILTERED)
+    result["mobile"] = {
+        "encoder": menc,
+        "prompted": mpr,
+        "automatic_unfiltered": {"points_per_side": points // 2, **UNFILTERED, **mauto},
+    }
+    log(f"mobile {result['mobile']}")
+    mobile = None
     _write(result)
 
     # (c) memory
+    sizes = [1, 12]
     table: dict[str, dict[str, Any]] = {}
-    for mp in sizes:
-        for kind in ("fast", "reference"):
-            log(f"memory: {kind} at {mp} MP ...")
-            table.setdefault(f"{mp}MP", {})[kind] = r = memory_run(kind, mp, "tiny", mem_points)
-            log(f"memory: {kind} at {mp} MP: {r}")
-            _write({**result, "memory": {"rows": table}})
-    base = table[f"{sizes[0]}MP"]
-    ratios = {}
-    for kind in ("fast", "reference"):
-        b = base[kind].get("peak_rss_mib")
-        top = table[f"{sizes[-1]}MP"][kind].get("peak_rss_mib")
-        ratios[kind] = round(top / b, 3) if b and top else None
+    runs_mem = [("fast", mp, c) for mp in sizes for c in (0, 1)]
+    runs_mem += [("reference", mp, 0) for mp in ([1, 6, 12] if args.reference_memory else [1])]
+    for kind, mp, c in runs_mem:
+        key = f"{kind}_crop{c}" if kind == "fast" else kind
+        log(f"memory: {key} at {mp} MP ...")
+        table.setdefault(f"{mp}MP", {})[key] = r = memory_run(kind, mp, "tiny", mem_points, c)
+        log(f"memory: {key} at {mp} MP: {r}")
+        _write({**result, "memory": {"rows": table}})
+    big = table[f"{sizes[-1]}MP"]
+    c0, c1 = big["fast_crop0"].get("peak_rss_mib"), big["fast_crop1"].get("peak_rss_mib")
+    flat = {}
+    for c in (0, 1):
+        lo = table[f"{sizes[0]}MP"][f"fast_crop{c}"].get("peak_rss_mib")
+        hi = big[f"fast_crop{c}"].get("peak_rss_mib")
+        flat[f"crop{c}"] = round(hi / lo, 3) if lo and hi else None
     result["memory"] = {
         "model": "tiny",
         "points_per_side": mem_points,
         **UNFILTERED,
         "rss_limit": "14 GB (reference killed above)",
         "rows": table,
-        f"peak_{sizes[-1]}MP_over_{sizes[0]}MP": ratios,
+        f"fast_crop1_over_crop0_at_{sizes[-1]}MP": round(c1 / c0, 3) if c0 and c1 else None,
+        f"fast_peak_{sizes[-1]}MP_over_{sizes[0]}MP": flat,
     }
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_s"] = round(time.perf_counter() - t_start, 1)

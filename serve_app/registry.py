@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ModelKind = Literal["detector", "segmenter"]
 
@@ -66,6 +66,10 @@ class SamOptions(BaseOptions):
     # reported as such in /v1/models, since the masks mean nothing.
     random_weights: bool = False
     device: str = "auto"
+    # Image encoder precision (serve_app/models/sam/precision.py): auto = bfloat16 where the
+    # CPU/GPU has native bf16 (AVX512-BF16, AMX, Arm BF16, CUDA), else float32.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype_probe: bool = False  # auto: also time a bf16 vs float32 product at start
     points_per_side: int = 32
     max_points_per_side: int = 64
     points_per_batch: int = 64
@@ -73,8 +77,20 @@ class SamOptions(BaseOptions):
     stability_score_thresh: float = 0.95
     box_nms_thresh: float = 0.7
     min_mask_region_area: int = 0
+    # Crop layers (segment_anything's): each layer n adds 4**n crops, each a full encoder run.
+    crop_n_layers: int = Field(0, ge=0)
+    max_crop_n_layers: int = Field(1, ge=0, le=3)
+    crop_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
+    crop_overlap_ratio: float = Field(512 / 1500, ge=0.0, lt=1.0)
+    crop_n_points_downscale_factor: int = Field(1, ge=1)
     embedding_cache_bytes: int = 256 * 2**20
     max_prompts: int = 64
+
+    @model_validator(mode="after")
+    def _crop_default_within_max(self) -> SamOptions:
+        if self.crop_n_layers > self.max_crop_n_layers:
+            raise ValueError("crop_n_layers must not exceed max_crop_n_layers")
+        return self
 
 
 # -- the table -------------------------------------------------------------------------------

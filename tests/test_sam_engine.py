@@ -258,8 +258,12 @@ def test_progress_goes_from_0_to_1(sam, small):
 
 
 def test_unsupported_options(sam):
-    with pytest.raises(NotImplementedError):
-        FastMaskGenerator(sam, crop_n_layers=1)
+    with pytest.raises(ValueError, match="point grids"):
+        FastMaskGenerator(
+            sam, points_per_side=None, point_grids=[np.zeros((1, 2))], crop_n_layers=1
+        )
+    with pytest.raises(ValueError):
+        FastMaskGenerator(sam, crop_n_layers=-1)
     with pytest.raises(ValueError):
         FastMaskGenerator(sam, points_per_side=None)
     with pytest.raises(ValueError):
@@ -373,3 +377,166 @@ def test_mobile_variant_runs_and_matches_predictor(small):
     ).generate(small)
     assert len(auto) > 0
     assert time.perf_counter() - t0 < 300
+
+
+# -- crop layers --------------------------------------------------------------------------
+CROPPED = dict(UNFILTERED, crop_n_layers=1, crop_nms_thresh=1.0)
+
+
+def _never_near_edge(boxes, crop_box, orig_box, atol=20.0):
+    return torch.zeros(len(boxes), dtype=torch.bool)
+
+
+def _no_crop_edge_filter(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(
+        "segment_anything.automatic_mask_generator.is_box_near_crop_edge", _never_near_edge
+    )
+    mp.setattr("serve_app.models.sam.amg.is_box_near_crop_edge", _never_near_edge)
+
+
+@pytest.fixture(scope="module")
+def cropped(sam, small, large) -> dict:
+    """(reference records, ours) with one crop layer and every filter off, including the
+    crop-edge filter, which the reference cannot switch off: random weights make every
+    mask a large blob touching its crop's edges, so with it no crop mask would survive
+    (test_crop_layers_with_nms_... keeps it on)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _no_crop_edge_filter(mp)
+        return {
+            name: (
+                _reference(sam, image, **CROPPED),
+                FastMaskGenerator(sam, **CROPPED).generate(image),
+            )
+            for name, image in (("small", small), ("large", large))
+        }
+
+
+@pytest.mark.parametrize("which", ["small", "large"])
+def test_crop_layers_match_reference_without_filters(cropped, which):
+    # Same crops, same points per crop, same crop-edge filter, same order (smaller crops
+    # first); the large image's full layer takes the model-scale path, its crops do not.
+    ref, mine = cropped[which]
+    assert len({tuple(r["crop_box"]) for r in ref}) == 5  # the image and 4 crops
+    _assert_same_output(ref, mine, min_iou=0.99)
+    assert [list(m.as_dict()["crop_box"]) for m in mine] == [r["crop_box"] for r in ref]
+
+
+def test_crop_edge_filter_like_reference(sam, large):
+    kw = dict(CROPPED, points_per_side=2)
+    mine = FastMaskGenerator(sam, **kw).generate(large)
+    _assert_same_output(_reference(sam, large, **kw), mine, min_iou=0.99)
+    assert len(mine) < 5 * 2 * 2 * 3  # the filter dropped crop masks touching crop edges
+
+
+def test_crop_layers_with_nms_and_downscaled_grids_like_reference(sam, small, monkeypatch):
+    from segment_anything.utils.amg import build_all_layer_point_grids
+
+    _no_crop_edge_filter(monkeypatch)
+
+    kw = dict(
+        points_per_side=4,
+        pred_iou_thresh=0,
+        stability_score_thresh=0,
+        stability_score_offset=OFFSET,
+        box_nms_thresh=0.7,
+        crop_n_layers=1,
+        crop_nms_thresh=0.5,
+        crop_n_points_downscale_factor=2,
+        crop_overlap_ratio=0.25,
+    )
+    gen = FastMaskGenerator(sam, **kw)
+    want = build_all_layer_point_grids(4, 1, 2)
+    assert [len(g) for g in gen.point_grids] == [16, 4]
+    assert all(np.array_equal(a, b) for a, b in zip(gen.point_grids, want, strict=True))
+    mine = gen.generate(small)
+    ref = _reference(sam, small, **kw)
+    _assert_same_output(ref, mine, min_iou=0.99)
+    assert len({m.crop_box for m in mine}) > 1
+    assert len(mine) < (16 + 4 * 4) * 3  # the NMS passes removed some
+
+
+# -- precision ----------------------------------------------------------------------------
+CPU = torch.device("cpu")
+
+
+def test_auto_dtype_follows_native_bf16_flags():
+    from serve_app.models.sam.precision import choose
+
+    x86_old = {"sse4_2", "avx2", "fma", "avx512f"}
+    assert choose("auto", CPU, flags=x86_old, machine="x86_64").dtype == torch.float32
+    for flag in ("avx512_bf16", "amx_bf16"):
+        d = choose("auto", CPU, flags=x86_old | {flag}, machine="x86_64")
+        assert d.dtype == torch.bfloat16 and flag in d.reason and d.name == "bfloat16"
+    assert choose("auto", CPU, flags={"asimd", "bf16"}, machine="aarch64").dtype == torch.bfloat16
+    assert choose("auto", CPU, flags={"asimd"}, machine="aarch64").dtype == torch.float32
+    # An Arm flag on x86 (or the other way round) means nothing.
+    assert choose("auto", CPU, flags={"bf16"}, machine="x86_64").dtype == torch.float32
+
+
+def test_auto_dtype_probe_can_veto_and_explicit_dtypes_are_honoured():
+    from serve_app.models.sam.precision import choose
+
+    native = {"avx512_bf16"}
+    slow = choose("auto", CPU, flags=native, machine="x86_64", probe=lambda d: 0.9)
+    assert slow.dtype == torch.float32 and "probe 0.90x" in slow.reason
+    fast = choose("auto", CPU, flags=native, machine="x86_64", probe=lambda d: 2.5)
+    assert fast.dtype == torch.bfloat16 and "probe 2.50x" in fast.reason
+    never = choose("auto", CPU, flags=set(), machine="x86_64", probe=lambda d: 1 / 0)
+    assert never.dtype == torch.float32  # no flags: the probe is not even run
+    assert choose("float32", CPU, flags=native).dtype == torch.float32
+    assert choose("bfloat16", CPU, flags=set()).dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        choose("float16", CPU)
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    from serve_app.models.sam.precision import cpu_flags
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    assert {"avx2", "avx512_bf16"} <= cpu_flags(str(x86))
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert "bf16" in cpu_flags(str(arm))
+
+
+def test_explicit_bf16_attention_is_the_same_maths_as_sdpa():
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    from serve_app.models.sam.vit import _attention_explicit
+
+    torch.manual_seed(4)
+    b, n, h, w, d = 2, 3, 5, 7, 8
+    q, k, v = (torch.randn(b, n, h * w, d) for _ in range(3))
+    rh = get_rel_pos(h, h, torch.randn(2 * h - 1, d))
+    rw = get_rel_pos(w, w, torch.randn(2 * w - 1, d))
+    r_q = q.reshape(b * n, h, w, d)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+    bias = (rel_h[..., None] + rel_w[..., None, :]).reshape(b, n, h * w, h * w)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    got = _attention_explicit(q, k, v, rel_h, rel_w, h, w)  # float32 in: exact maths
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bf16_encoder_gives_a_close_float32_embedding(sam, small):
+    from serve_app.models.sam.encoder import embed
+
+    a = embed(sam, small).features
+    b = embed(sam, small, dtype=torch.bfloat16).features
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    rel = float((a - b).norm() / a.norm())
+    assert 0 < rel < 0.03  # bf16 did run (not bit-identical) and stayed close
+    seg = PromptedSegmenter(sam, dtype=torch.bfloat16)
+    got = seg.segment(small, "k", points=[(100, 80)], multimask=True)
+    assert len(got) == 3 and seg.cache.get("k").features.dtype == torch.float32
+
+
+def test_bf16_automatic_masks_run_with_crops(sam, small):
+    kw = dict(UNFILTERED, crop_n_layers=1, crop_nms_thresh=0.9)
+    b16 = FastMaskGenerator(sam, dtype=torch.bfloat16, **kw).generate(small)
+    from serve_app.models.sam.compare import iou_stats, matched_ious
+
+    f32 = FastMaskGenerator(sam, **kw).generate(small)
+    stats = iou_stats(matched_ious(f32, b16))
+    assert stats["masks"] == len(f32) > 0 and stats["iou_mean"] > 0.5

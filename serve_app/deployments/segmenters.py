@@ -48,6 +48,13 @@ class SamSegmenter(ModelDeployment):
             "min_mask_region_area": Param(
                 int, o.min_mask_region_area, 0, 10**8, "remove smaller holes and islands"
             ),
+            "crop_n_layers": Param(
+                int,
+                o.crop_n_layers,
+                0,
+                o.max_crop_n_layers,
+                "extra layers of image crops (small objects; each layer n: 4**n encoder runs)",
+            ),
             "seed": Param(int, 0, 0, 2**31 - 1, "overlay colour seed"),
         }
 
@@ -55,6 +62,8 @@ class SamSegmenter(ModelDeployment):
     def load(self) -> Any:
         import torch
 
+        from serve_app.models.sam import precision
+        from serve_app.models.sam.encoder import model_device
         from serve_app.models.sam.prompt import PromptedSegmenter
         from serve_app.models.sam.registry import build_sam
 
@@ -63,13 +72,24 @@ class SamSegmenter(ModelDeployment):
         if not self.options.random_weights:
             checkpoint = weights.find(self.options.weights, self.model_dir)
         sam = build_sam(self.options.variant, checkpoint, device=self.options.device)
-        self.prompted = PromptedSegmenter(sam, cache_bytes=self.options.embedding_cache_bytes)
+        self.precision = precision.choose(
+            self.options.dtype,
+            model_device(sam),
+            probe=precision.probe_speedup if self.options.dtype_probe else None,
+        )
+        precision.log_decision(self.name, self.precision)
+        self.prompted = PromptedSegmenter(
+            sam, cache_bytes=self.options.embedding_cache_bytes, dtype=self.precision.dtype
+        )
         return sam
 
     def describe(self) -> dict[str, Any]:
+        decision = getattr(self, "precision", None)  # set once the model has loaded
         return {
             "variant": self.options.variant,
             "random_weights": self.options.random_weights,
+            "dtype": decision.name if decision else None,
+            "dtype_reason": decision.reason if decision else None,
             "parameters": {k: p.describe() for k, p in self.PARAMS.items()},
         }
 
@@ -124,6 +144,11 @@ class SamSegmenter(ModelDeployment):
             stability_score_thresh=p["stability_score_thresh"],
             box_nms_thresh=p["box_nms_thresh"],
             min_mask_region_area=p["min_mask_region_area"],
+            crop_n_layers=p["crop_n_layers"],
+            crop_nms_thresh=self.options.crop_nms_thresh,
+            crop_overlap_ratio=self.options.crop_overlap_ratio,
+            crop_n_points_downscale_factor=self.options.crop_n_points_downscale_factor,
+            dtype=self.precision.dtype,
         )
         masks = generator.generate(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), progress=progress)
         t2 = time.perf_counter()

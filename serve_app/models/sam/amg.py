@@ -22,8 +22,12 @@ built at full resolution, one at a time, straight into COCO RLE:
    stability/area/box measured on it, optional small-region removal (then a second NMS,
    as the reference), and encoded to RLE before the next one is decoded.
 
-Not implemented: crop layers (`crop_n_layers > 0`); the single full-image layer is what
-the service uses.
+Crop layers (`crop_n_layers > 0`) as the reference: the same crop boxes
+(generate_crop_boxes) and per-layer point grids (`crop_n_points_downscale_factor`); each
+crop is encoded on its own and runs steps 2-4 at its own size, masks whose box touches a
+crop edge inside the image are dropped, boxes and points move back to image coordinates,
+and NMS across crops prefers smaller crops (`crop_nms_thresh`). Each kept mask is decoded
+at its crop's size and written into one image-size buffer, so memory stays flat.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ import torch
 from segment_anything.utils.amg import (
     batched_mask_to_box,
     build_all_layer_point_grids,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
     remove_small_regions,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
-from torchvision.ops.boxes import batched_nms
+from torchvision.ops.boxes import batched_nms, box_area
 
 from serve_app.models.sam.decoder import FastDecoder
 from serve_app.models.sam.encoder import Embedding, check_image, embed, model_device
@@ -81,14 +87,27 @@ class _Survivors:
         return len(self.low)
 
 
+@dataclass
+class _Crop:
+    """One crop's masks after its own NMS; boxes and points in image coordinates."""
+
+    box: tuple[int, int, int, int]  # XYXY in the image, exclusive end
+    geometry: Geometry
+    low: list[Tensor]
+    iou: Tensor
+    boxes: Tensor
+    points: np.ndarray
+
+
 class FastMaskGenerator:
-    """Drop-in for SamAutomaticMaskGenerator's single-layer options; see module doc.
+    """Drop-in for SamAutomaticMaskGenerator (output_mode="coco_rle"); see module doc.
 
     Options beyond the reference's: `stability_margin`, how close to
     `stability_score_thresh` a model-scale score must be to get re-scored at full size;
     `chunk`, masks per post-processing step (memory: chunk x 1024x1024 floats);
     `decoder_batch`, prompts per decoder pass (`points_per_batch` only sets how many
-    prompts are encoded at once and the progress steps).
+    prompts are encoded at once and the progress steps); `dtype`, the image encoder's
+    (precision.py; the decoder stays float32).
     """
 
     def __init__(
@@ -101,31 +120,44 @@ class FastMaskGenerator:
         stability_score_offset: float = 1.0,
         box_nms_thresh: float = 0.7,
         crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
         point_grids: list[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         stability_margin: float = 0.02,
         chunk: int = 16,
         decoder_batch: int = 4,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        if crop_n_layers != 0:
-            raise NotImplementedError("crop layers are not implemented (crop_n_layers=0)")
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
+        if crop_n_layers < 0:
+            raise ValueError("crop_n_layers must be >= 0")
         if points_per_side is not None:
-            grid = build_all_layer_point_grids(points_per_side, 0, 1)[0]
+            grids = build_all_layer_point_grids(
+                points_per_side, crop_n_layers, crop_n_points_downscale_factor
+            )
         else:
-            grid = point_grids[0]
+            grids = list(point_grids)
+        if len(grids) != crop_n_layers + 1:
+            raise ValueError(f"need crop_n_layers + 1 = {crop_n_layers + 1} point grids")
         self.model = model
-        self.point_grid = grid
+        self.point_grids = grids
+        self.point_grid = grids[0]
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
         self.stability_score_offset = stability_score_offset
         self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
         self.min_mask_region_area = min_mask_region_area
         self.stability_margin = stability_margin
         self.chunk = chunk
         self.decoder_batch = decoder_batch
+        self.dtype = dtype
         self.decoder = FastDecoder(model)
         self.mask_threshold = float(model.mask_threshold)
 
@@ -133,35 +165,75 @@ class FastMaskGenerator:
     @torch.inference_mode()
     def generate(self, image_rgb: np.ndarray, progress: Progress | None = None) -> list[MaskRecord]:
         """Masks for an HxWx3 uint8 RGB image, in the reference's order (by predicted
-        IoU, after NMS)."""
+        IoU after NMS; with crop layers, smaller crops first)."""
         check_image(image_rgb)
         report = progress or (lambda fraction, stage: None)
+        orig_hw = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
+        boxes, layers = generate_crop_boxes(orig_hw, self.crop_n_layers, self.crop_overlap_ratio)
+        n = len(boxes)
+        crops = []
+        for i, (box, layer) in enumerate(zip(boxes, layers, strict=True)):
+            part = _Scaled(report, i / n * (_ENCODER + _DECODER), (_ENCODER + _DECODER) / n, i, n)
+            crops.append(self._process_crop(image_rgb, tuple(box), layer, orig_hw, part))
+        order = _merge(crops, self.crop_nms_thresh)
+        report(_ENCODER + _DECODER, "postprocess")
+        if not order:
+            report(1.0, "postprocess")
+            return []
+        return self._finish(crops, order, orig_hw, report)
+
+    # -- per crop: steps 1-4 -----------------------------------------------------------
+    def _process_crop(
+        self,
+        image_rgb: np.ndarray,
+        box: tuple[int, int, int, int],
+        layer: int,
+        orig_hw: tuple[int, int],
+        report: Progress,
+    ) -> _Crop:
+        x0, y0, x1, y1 = box
+        whole = box == (0, 0, orig_hw[1], orig_hw[0])
+        crop = image_rgb if whole else image_rgb[y0:y1, x0:x1, :]
         report(0.0, "encoder")
-        emb = embed(self.model, image_rgb)
+        emb = embed(self.model, crop, dtype=self.dtype)
         report(_ENCODER, "encoder")
         g = geometry(
             emb.orig_hw,
             self.model.image_encoder.img_size,
             self.model.prompt_encoder.mask_input_size[0],
         )
-        full = FullResDecoder(g)  # one original-size buffer, reused for every mask
-        survivors = self._decode_all(emb, g, full, report)
+        full = FullResDecoder(g)  # one crop-size buffer, reused for every re-scored mask
+        edge = None if whole else (list(box), [0, 0, orig_hw[1], orig_hw[0]])
+        survivors = self._decode_all(emb, g, full, report, self.point_grids[layer], edge)
         if not len(survivors):
-            report(1.0, "postprocess")
-            return []
+            empty = torch.zeros(0, 4, dtype=torch.long)
+            return _Crop(box, g, [], torch.zeros(0), empty, np.zeros((0, 2)))
         iou = torch.cat(survivors.iou)
         boxes = torch.cat(survivors.boxes)
         points = np.concatenate(survivors.points)
         keep = batched_nms(boxes.float(), iou, torch.zeros(len(boxes)), self.box_nms_thresh)
-        report(_ENCODER + _DECODER, "postprocess")
-        return self._finish(survivors.low, iou, points, keep.tolist(), full, report)
+        idx = keep.tolist()
+        return _Crop(
+            box,
+            g,
+            [survivors.low[i] for i in idx],
+            iou[keep],
+            boxes[keep] + torch.tensor([[x0, y0, x0, y0]]),
+            points[keep.numpy()] + np.array([[x0, y0]]),
+        )
 
     # -- stage 2-3: decoder and per-batch filters ------------------------------------
     def _decode_all(
-        self, emb: Embedding, g: Geometry, full: FullResDecoder, report: Progress
+        self,
+        emb: Embedding,
+        g: Geometry,
+        full: FullResDecoder,
+        report: Progress,
+        grid: np.ndarray,
+        edge: tuple[list[int], list[int]] | None,
     ) -> _Survivors:
         h, w = emb.orig_hw
-        points_all = self.point_grid * np.array([[w, h]])
+        points_all = grid * np.array([[w, h]])
         transform = ResizeLongestSide(self.model.image_encoder.img_size)
         device = model_device(self.model)
         n_batches = -(-len(points_all) // self.points_per_batch)
@@ -198,6 +270,7 @@ class FastMaskGenerator:
                     bands,
                     full,
                     survivors,
+                    edge,
                 )
             report(_ENCODER + _DECODER * (b + 1) / n_batches, f"decoder batch {b + 1}/{n_batches}")
         return survivors
@@ -211,7 +284,10 @@ class FastMaskGenerator:
         bands: BandBoxes | None,
         full: FullResDecoder,
         out: _Survivors,
+        edge: tuple[list[int], list[int]] | None = None,
     ) -> None:
+        """Stability filter and boxes for one batch's masks; `edge` = (crop box, image
+        box) drops masks whose box touches the crop's edge inside the image."""
         thr, off = self.mask_threshold, self.stability_score_offset
         s_thr = self.stability_score_thresh
         for i in range(0, len(low), self.chunk):
@@ -231,6 +307,13 @@ class FastMaskGenerator:
                 keep = self._stability_keep(stab, lc, full)
                 boxes = bands(inter[keep], thr)
             del inter
+            if edge is not None and len(boxes):
+                near = is_box_near_crop_edge(boxes, *edge)
+                if bool(near.any()):
+                    kept = torch.nonzero(keep).flatten()
+                    keep = keep.clone()
+                    keep[kept[near]] = False
+                    boxes = boxes[~near]
             if bool(keep.any()):
                 out.add(lc[keep], ic[keep], boxes, pc[keep.numpy()])
 
@@ -249,46 +332,90 @@ class FastMaskGenerator:
     # -- stage 5: full-resolution records ---------------------------------------------
     def _finish(
         self,
-        low: list[Tensor],
-        iou: Tensor,
-        points: np.ndarray,
-        keep: list[int],
-        decoder: FullResDecoder,
+        crops: list[_Crop],
+        order: list[tuple[int, int]],
+        orig_hw: tuple[int, int],
         report: Progress,
     ) -> list[MaskRecord]:
-        records: list[MaskRecord] = []
-        unchanged: list[float] = []
-        start = _ENCODER + _DECODER
-        for n, idx in enumerate(keep):
-            d = decoder.decode(low[idx], self.mask_threshold, self.stability_score_offset)
-            mask, same = d.mask, True
-            if self.min_mask_region_area > 0:
-                mask, same = _remove_small_regions(mask, self.min_mask_region_area)
-            code, area, box = summarize(mask)
-            records.append(
-                MaskRecord(
+        """Records for `order` (crop index, mask index), decoded crop by crop so one
+        crop-size decoder exists at a time, returned in `order`."""
+        h, w = orig_hw
+        records: list[MaskRecord | None] = [None] * len(order)
+        unchanged = [1.0] * len(order)
+        by_crop: dict[int, list[tuple[int, int]]] = {}
+        for pos, (c, i) in enumerate(order):
+            by_crop.setdefault(c, []).append((pos, i))
+        canvas = None  # image-size mask that crops are pasted into (zero outside them)
+        start, done = _ENCODER + _DECODER, 0
+        for c in sorted(by_crop):
+            crop = crops[c]
+            x0, y0, x1, y1 = crop.box
+            whole = crop.box == (0, 0, w, h)
+            decoder = FullResDecoder(crop.geometry)
+            if not whole and canvas is None:
+                canvas = np.zeros((h, w), dtype=np.bool_, order="F")
+            for pos, i in by_crop[c]:
+                d = decoder.decode(crop.low[i], self.mask_threshold, self.stability_score_offset)
+                mask, same = d.mask, True
+                if not whole:
+                    canvas[y0:y1, x0:x1] = mask
+                    mask = canvas
+                if self.min_mask_region_area > 0:
+                    mask, same = _remove_small_regions(mask, self.min_mask_region_area)
+                code, area, box = summarize(mask)
+                records[pos] = MaskRecord(
                     rle=code,
                     bbox=xyxy_to_xywh(box),
                     area=area,
-                    predicted_iou=float(iou[idx]),
+                    predicted_iou=float(crop.iou[i]),
                     stability_score=d.stability,
-                    point_coords=[points[idx].tolist()],
+                    point_coords=[crop.points[i].tolist()],
+                    crop_box=(x0, y0, x1 - x0, y1 - y0),
                 )
-            )
-            unchanged.append(float(same))
-            report(start + (1 - start) * (n + 1) / len(keep), "postprocess")
-        if self.min_mask_region_area > 0 and records:
+                unchanged[pos] = float(same)
+                done += 1
+                report(start + (1 - start) * done / len(order), "postprocess")
+            if not whole:
+                canvas[y0:y1, x0:x1] = False
+            del decoder
+        out = [r for r in records if r is not None]
+        if self.min_mask_region_area > 0 and out:
             # As the reference: prefer masks that needed no cleaning, drop new duplicates.
-            boxes = torch.tensor([_xyxy(r.bbox) for r in records], dtype=torch.float)
+            boxes = torch.tensor([_xyxy(r.bbox) for r in out], dtype=torch.float)
             again = batched_nms(
                 boxes,
                 torch.tensor(unchanged),
-                torch.zeros(len(records)),
-                max(self.box_nms_thresh, 0.7),
+                torch.zeros(len(out)),
+                max(self.box_nms_thresh, self.crop_nms_thresh),
             )
-            records = [records[i] for i in again.tolist()]
+            out = [out[i] for i in again.tolist()]
         report(1.0, "postprocess")
-        return records
+        return out
+
+
+class _Scaled:
+    """Progress of one crop mapped into its share of the encoder + decoder stages."""
+
+    def __init__(self, report: Progress, base: float, span: float, i: int, n: int) -> None:
+        self.report, self.base, self.span = report, base, span
+        self.suffix = f" (crop {i + 1}/{n})" if n > 1 else ""
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        share = fraction / (_ENCODER + _DECODER)
+        self.report(self.base + self.span * share, stage + self.suffix)
+
+
+def _merge(crops: list[_Crop], crop_nms_thresh: float) -> list[tuple[int, int]]:
+    """(crop, mask) pairs in output order: with one crop, its NMS order; with several, NMS
+    across crops scored 1 / crop area (smaller crops win), as the reference."""
+    pairs = [(c, i) for c, crop in enumerate(crops) for i in range(len(crop.low))]
+    if len(crops) == 1 or not pairs:
+        return pairs
+    boxes = torch.cat([crop.boxes for crop in crops])
+    crop_boxes = torch.tensor([list(crops[c].box) for c, _ in pairs])
+    scores = 1 / box_area(crop_boxes)
+    keep = batched_nms(boxes.float(), scores, torch.zeros(len(boxes)), crop_nms_thresh)
+    return [pairs[k] for k in keep.tolist()]
 
 
 def _remove_small_regions(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, bool]:

@@ -35,18 +35,28 @@ def check_image(image_rgb: np.ndarray) -> None:
 
 
 @torch.inference_mode()
-def embed(sam: nn.Module, image_rgb: np.ndarray, fused: bool = True) -> Embedding:
+def embed(
+    sam: nn.Module,
+    image_rgb: np.ndarray,
+    fused: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Embedding:
     """Resize (long side img_size, PIL bilinear as upstream), normalise, pad, encode.
 
     `fused`: run SAM's ViT with fused attention (vit.py); False runs the stock module.
+    `dtype`: bfloat16 runs the encoder (any variant) under autocast (see precision.py);
+    the embedding is float32 either way, so the decoder is unaffected.
     """
     check_image(image_rgb)
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     resized = transform.apply_image(image_rgb)
     x = torch.as_tensor(resized, device=model_device(sam)).permute(2, 0, 1).contiguous()[None]
     x = sam.preprocess(x)
-    if fused and vit.supports(sam.image_encoder):
-        features = vit.forward(sam.image_encoder, x)
-    else:
-        features = sam.image_encoder(x)
+    low = dtype != torch.float32
+    with torch.autocast(x.device.type, dtype=dtype if low else None, enabled=low):
+        if fused and vit.supports(sam.image_encoder):
+            features = vit.forward(sam.image_encoder, x)
+        else:
+            features = sam.image_encoder(x)
+    features = features.float()
     return Embedding(features, tuple(image_rgb.shape[:2]), tuple(resized.shape[:2]))

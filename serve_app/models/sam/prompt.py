@@ -69,8 +69,14 @@ class PromptedSegmenter:
     three (SAM's multimask output, in the model's order) with `multimask`.
     """
 
-    def __init__(self, model: nn.Module, cache_bytes: int = 256 * 2**20) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cache_bytes: int = 256 * 2**20,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.model = model
+        self.dtype = dtype  # the image encoder's (precision.py); embeddings are float32
         self.cache = EmbeddingCache(cache_bytes)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.encoder_calls = 0
@@ -89,7 +95,7 @@ class PromptedSegmenter:
             return found
         self._local.hit = False
         self.encoder_calls += 1
-        emb = embed(self.model, image_rgb)
+        emb = embed(self.model, image_rgb, dtype=self.dtype)
         if key is not None:
             self.cache.put(key, emb)
         return emb

@@ -26,6 +26,7 @@ class MaskRecord:
     stability_score: float
     point_coords: list[list[float]] = field(default_factory=list)
     box_prompt: list[float] | None = None
+    crop_box: tuple[int, int, int, int] | None = None  # XYWH; None: the whole image
 
     @property
     def size(self) -> tuple[int, int]:
@@ -46,7 +47,7 @@ class MaskRecord:
             "predicted_iou": self.predicted_iou,
             "point_coords": self.point_coords,
             "stability_score": self.stability_score,
-            "crop_box": [0, 0, w, h],
+            "crop_box": list(self.crop_box) if self.crop_box is not None else [0, 0, w, h],
         }
         if self.box_prompt is not None:
             out["box_prompt"] = self.box_prompt

@@ -7,6 +7,11 @@ fourth; for the global-attention blocks (N = 4096) each pass moves ~0.8 GB for v
 does the scaling, softmax and product in one pass. Same weights and maths; results
 differ by float rounding only (~1e-5 absolute on the embedding). On this 2-core AVX2 CPU
 the vit_b encoder ran in 15-20 s instead of 23-25 s (best of 4, interleaved).
+
+In bfloat16 (the encoder under autocast, see precision.py) SDPA is the slow choice: on a
+2-core AVX512-BF16 CPU (torch 2.14) its CPU flash kernel took 1.1 s per global block with
+the bias as mask and 3.9 s without any mask, while the plain product, in-place bias adds,
+softmax and product took 0.46 s. bf16 therefore takes the explicit path below.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ def attention(attn: nn.Module, x: Tensor) -> Tensor:
     n = attn.num_heads
     qkv = attn.qkv(x).reshape(b, h * w, 3, n, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (B, heads, N, d)
-    bias = None
+    rel_h = rel_w = None
     if attn.use_rel_pos:
         d = q.shape[-1]
         rh = get_rel_pos(h, h, attn.rel_pos_h)
@@ -35,10 +40,30 @@ def attention(attn: nn.Module, x: Tensor) -> Tensor:
         r_q = q.reshape(b * n, h, w, d)
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
         rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
-        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(b, n, h * w, h * w)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(d)
+    if q.dtype == torch.bfloat16:
+        out = _attention_explicit(q, k, v, rel_h, rel_w, h, w)
+    else:
+        bias = None
+        if rel_h is not None:
+            bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(b, n, h * w, h * w)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(d)
     out = out.view(b, n, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return attn.proj(out)
+
+
+def _attention_explicit(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor | None, rel_w: Tensor | None, h: int, w: int
+) -> Tensor:
+    """softmax(q k^T / sqrt(d) + rel_h + rel_w) v with the bias added in place (no
+    (N, N) bias tensor), all in q's dtype: autocast is off so the softmax is not
+    upcast to a float32 copy of the score matrix."""
+    b, n, length, d = q.shape
+    with torch.autocast(q.device.type, enabled=False):
+        s = torch.matmul(q * d**-0.5, k.transpose(-2, -1))
+        if rel_h is not None:
+            grid = s.view(b * n, h, w, h, w)
+            grid.add_(rel_h.to(s.dtype)[:, :, :, :, None]).add_(rel_w.to(s.dtype)[:, :, :, None, :])
+        return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
 def block(blk: nn.Module, x: Tensor) -> Tensor:
