@@ -84,7 +84,7 @@ SAM_TEST_MODELS: dict = {
                     "max_points_per_side": 16, "embedding_cache_bytes": 64 * 2**20},
     },
     "sam-mobile": {"options": {"random_weights": True, "points_per_side": 4,
-                               "max_points_per_side": 8}},
+                               "max_points_per_side": 8, "dtype": "float32"}},
     "sam-vit-h": {"enabled": True},
 }
 

@@ -175,6 +175,33 @@ def test_sam_models_are_listed_with_their_status(http, small_png):
     models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
     for name in ("sam-segmentation-light", "sam-segmentation", "sam-vit-h", "sam-mobile"):
         assert models[name]["kind"] == "segmenter"
+    # The light model keeps `dtype: auto`: bf16 exactly where this host's CPU flags say
+    # native bf16 (the replica runs on this machine); MobileSAM is configured float32.
+    import torch
+
+    from serve_app.models.sam.precision import native_bf16
+
+    native, _ = native_bf16(torch.device("cpu"))
+    assert models[LIGHT]["dtype"] == ("bfloat16" if native else "float32")
+    assert models[LIGHT]["dtype_reason"].startswith("auto: ")
+    assert models["sam-mobile"]["dtype"] == "float32"
+    assert models[LIGHT]["parameters"]["crop_n_layers"]["max"] == 1
     assert models["sam-segmentation"]["status"] == "missing weights"
     r = http.post("/v1/segment/sam-segmentation", content=small_png)
     assert r.status_code == 503 and "fetch sam_vit_l" in r.json()["detail"]
+
+
+def test_automatic_masks_with_a_crop_layer(http, small_png):
+    params = {
+        "points_per_side": 2,
+        "pred_iou_thresh": 0,
+        "stability_score_thresh": 0,
+        "crop_n_layers": 1,
+    }
+    r = http.post(f"/v1/segment/{LIGHT}", content=small_png, params=params)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["parameters"]["crop_n_layers"] == 1 and body["count"] >= 1
+    check_masks(body, 240, 160)
+    too_many = http.post(f"/v1/segment/{LIGHT}?crop_n_layers=2", content=small_png)
+    assert too_many.status_code == 422 and too_many.json()["error"] == "bad_parameter"

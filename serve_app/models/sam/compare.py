@@ -52,8 +52,11 @@ def matched_ious(base: Sequence[Any], other: Sequence[Any]) -> list[float]:
     prompt (records or reference dicts); 0 when `other` has none."""
 
     def key(r: Any) -> str:
+        # As floats: the reference reports crop boxes as floats or ints depending on
+        # whether its first crop kept any mask (torch.cat promotes).
         d = r if isinstance(r, dict) else r.as_dict()
-        return json.dumps([d["point_coords"], d.get("crop_box"), d.get("box_prompt")])
+        parts = (d["point_coords"], [d.get("crop_box") or []], [d.get("box_prompt") or []])
+        return json.dumps([[[float(v) for v in row] for row in part] for part in parts])
 
     def mask(r: Any) -> np.ndarray:
         if isinstance(r, MaskRecord):
