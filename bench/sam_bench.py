@@ -273,36 +273,62 @@ def memory_run(kind: str, mp: float, variant: str, points: int, crop: int = 0) -
 
 
 # -- (d) prompted ------------------------------------------------------------------------
-def prompted(sam, image, dtype, cached_runs: int = 5) -> dict[str, Any]:
+def prompted(sam, image, reps: int, cached_runs: int = 5) -> dict[str, Any]:
+    """Cold (new key: encoder + one decode) and cached prompts, float32 and bf16
+    interleaved; cold is the best of `reps` new keys (the machine is shared: the best run
+    is the least disturbed one)."""
+    import torch
+
     from serve_app.models.sam.prompt import PromptedSegmenter
 
-    seg = PromptedSegmenter(sam, cache_bytes=64 * 2**20, dtype=dtype)
     h, w = image.shape[:2]
     point = [(w * 0.4, h * 0.6)]
-    _, cold, _ = timed(lambda: seg.segment(image, "cold", points=point, multimask=True))
-    times = []
-    for i in range(cached_runs):
-        p = [(w * (0.2 + 0.1 * i), h * 0.5)]
-        _, t, _ = timed(lambda p=p: seg.segment(image, "cold", points=p, multimask=True))
-        times.append(t)
-    assert seg.encoder_calls == 1
-    cached = statistics.median(times)
-    return {
-        "cold_s": round(cold, 3),
-        "cached_s_median": round(cached, 4),
-        "cached_over_cold": round(cached / cold, 4),
-    }
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    segs = {k: PromptedSegmenter(sam, cache_bytes=64 * 2**20, dtype=d) for k, d in dtypes.items()}
+    colds: dict[str, list[float]] = {k: [] for k in dtypes}
+    for r in range(reps):
+        for k, seg in segs.items():
+            _, t, _ = timed(lambda s=seg, r=r: s.segment(image, f"cold{r}", points=point))
+            colds[k].append(t)
+    out: dict[str, Any] = {}
+    for k, seg in segs.items():
+        times = []
+        for i in range(cached_runs):
+            p = [(w * (0.2 + 0.1 * i), h * 0.5)]
+            _, t, _ = timed(lambda s=seg, p=p: s.segment(image, "cold0", points=p, multimask=True))
+            times.append(t)
+        assert seg.encoder_calls == reps
+        cold, cached = min(colds[k]), statistics.median(times)
+        out[k] = {
+            "cold_s": round(cold, 3),
+            "cold_s_all": [round(t, 2) for t in colds[k]],
+            "cached_s_median": round(cached, 4),
+            "cached_over_cold": round(cached / cold, 4),
+        }
+    ratio = out["bfloat16"]["cold_s"] / out["float32"]["cold_s"]
+    out["cold_bfloat16_over_float32"] = round(ratio, 3)
+    return out
 
 
-def encoder_times(sam, image, kinds) -> dict[str, Any]:
-    """Wall/CPU seconds of one embedding per (name, fused, dtype), after a warm-up run."""
+def encoder_times(sam, image, kinds, reps: int) -> dict[str, Any]:
+    """Seconds of one embedding per (name, fused, dtype): `reps` interleaved rounds after
+    a warm-up, best wall time reported (with its CPU time) and all of them listed."""
     from serve_app.models.sam.encoder import embed
 
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in kinds}
+    for _ in range(reps):
+        for name, fused, dtype in kinds:
+            _, wall, cpu = timed(lambda f=fused, d=dtype: embed(sam, image, fused=f, dtype=d))
+            runs[name].append((wall, cpu))
+            log(f"encoder {name}: {wall:.1f} s")
     out: dict[str, Any] = {}
-    for name, fused, dtype in kinds:
-        _, wall, cpu = timed(lambda f=fused, d=dtype: embed(sam, image, fused=f, dtype=d))
-        out[name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
-        log(f"encoder {name}: {wall:.1f} s")
+    for name, times in runs.items():
+        wall, cpu = min(times)
+        out[name] = {
+            "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2),
+            "wall_s_all": [round(t[0], 2) for t in times],
+        }
     return out
 
 
@@ -349,6 +375,11 @@ def main() -> None:
         action="store_true",
         help="also the reference's peak RSS at 6 and 12 MP (up to 14 GB)",
     )
+    ap.add_argument(
+        "--only",
+        help="comma-separated sections to (re)run into the existing JSON: "
+        "encoder,prompted,defaults,unfiltered,crop,mobile,memory",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -365,6 +396,12 @@ def main() -> None:
     quick = args.quick
     if quick:
         RESULTS = RESULTS.with_name("sam_bench_quick.json")
+    reps = 2 if quick else 3
+    only = set(args.only.split(",")) if args.only else None
+
+    def want(section: str) -> bool:
+        return only is None or section in only
+
     points = 12 if quick else 32
     crop_fid_points = 4 if quick else 8
     mem_points = 4 if quick else 8
@@ -385,154 +422,163 @@ def main() -> None:
         "weights": "random (checkpoint=None): timings are real, masks meaningless",
         "flattered": FLATTERED,
     }
+    if only is not None:  # merge into the last full run, saying which parts are newer
+        machine = result["machine"]
+        result = json.loads(RESULTS.read_text()) if RESULTS.exists() else result
+        result.setdefault("reruns", []).append(
+            {
+                "sections": sorted(only),
+                "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "loadavg_start": machine["loadavg_start"],
+            }
+        )
 
-    log(f"building vit_b (random weights); native bf16: {native} ({why})")
-    sam = build("vit_b")
     image = image_rgb(1.0)
     result["image_hw"] = list(image.shape[:2])
-
-    # (e) encoder. The first run warms up (oneDNN kernels, allocator); not reported.
     from serve_app.models.sam.encoder import embed
 
-    embed(sam, image, dtype=bf16)
-    kinds = [("fused_float32", True, torch.float32), ("fused_bfloat16", True, bf16)]
-    kinds += [("stock_float32", False, torch.float32), ("stock_bfloat16", False, bf16)]
-    enc = encoder_times(sam, image, kinds)
-    enc["fused_bfloat16_over_stock_float32_speedup"] = round(
-        enc["stock_float32"]["wall_s"] / enc["fused_bfloat16"]["wall_s"], 2
-    )
-    enc["fused_bfloat16_over_fused_float32_speedup"] = round(
-        enc["fused_float32"]["wall_s"] / enc["fused_bfloat16"]["wall_s"], 2
-    )
-    enc["embedding_bfloat16_vs_float32"] = compare.embedding_error(sam, image)
-    result["encoder"] = {"model": "vit_b", **enc}
-    log(f"encoder {result['encoder']}")
-    _write(result)
+    sam = None
+    if only is None or only & {"encoder", "prompted", "defaults", "unfiltered", "crop"}:
+        log(f"building vit_b (random weights); native bf16: {native} ({why})")
+        sam = build("vit_b")
+        embed(sam, image, dtype=bf16)  # warm-up (oneDNN kernels, allocator): not reported
 
-    # (d) prompted, vit_b: cold (encoder + one decode) and cached, both dtypes.
-    pr = {"float32": prompted(sam, image, torch.float32), "bfloat16": prompted(sam, image, bf16)}
-    pr["cold_bfloat16_over_float32"] = round(pr["bfloat16"]["cold_s"] / pr["float32"]["cold_s"], 3)
-    pr["masks_bfloat16_vs_float32"] = compare.prompted_ious(sam, image, side=4)
-    result["prompted"] = {"model": "vit_b", "image_hw": list(image.shape[:2]), **pr}
-    log(f"prompted {result['prompted']}")
-    _write(result)
+    if want("encoder"):  # (e)
+        kinds = [("fused_float32", True, torch.float32), ("fused_bfloat16", True, bf16)]
+        kinds += [("stock_float32", False, torch.float32), ("stock_bfloat16", False, bf16)]
+        enc = encoder_times(sam, image, kinds, reps)
+        enc["fused_bfloat16_over_stock_float32_speedup"] = round(
+            enc["stock_float32"]["wall_s"] / enc["fused_bfloat16"]["wall_s"], 2
+        )
+        enc["fused_bfloat16_over_fused_float32_speedup"] = round(
+            enc["fused_float32"]["wall_s"] / enc["fused_bfloat16"]["wall_s"], 2
+        )
+        enc["stock_bfloat16_over_stock_float32_speedup"] = round(
+            enc["stock_float32"]["wall_s"] / enc["stock_bfloat16"]["wall_s"], 2
+        )
+        enc["embedding_bfloat16_vs_float32"] = compare.embedding_error(sam, image)
+        result["encoder"] = {"model": "vit_b", "best_of": reps, **enc}
+        log(f"encoder {result['encoder']}")
+        _write(result)
 
-    # (a) speed with each generator's defaults
-    runs, recs = compare_runs(sam, image, "defaults", True, points_per_side=points)
-    result["speed_defaults"] = {"model": "vit_b", "points_per_side": points, **runs}
-    _write(result)
+    if want("prompted"):  # (d) cold (encoder + one decode) and cached, both dtypes
+        pr = prompted(sam, image, reps)
+        pr["masks_bfloat16_vs_float32"] = compare.prompted_ious(sam, image, side=4)
+        result["prompted"] = {"model": "vit_b", "image_hw": list(image.shape[:2]), **pr}
+        log(f"prompted {result['prompted']}")
+        _write(result)
 
-    # (b) every filter off: the honest ratio, fidelity, bf16 vs float32
-    runs, recs = compare_runs(sam, image, "unfiltered", True, points_per_side=points, **UNFILTERED)
-    result["speed_unfiltered"] = {
-        "model": "vit_b",
-        "points_per_side": points,
-        **UNFILTERED,
-        **runs,
-    }
-    fid = fidelity(recs["reference_float32"], recs["fast_float32"])
-    result["fidelity"] = {"model": "vit_b", "points_per_side": points, **UNFILTERED, **fid}
-    log(f"fidelity {fid}")
-    fid16 = fidelity(recs["fast_float32"], recs["fast_bfloat16"])
-    result["fidelity_bfloat16_vs_float32"] = {
-        "model": "vit_b",
-        "points_per_side": points,
-        **UNFILTERED,
-        "share_below_0.9": round(fid16["matched_below_0.9"] / max(fid16["reference_masks"], 1), 6),
-        **fid16,
-    }
-    log(f"fidelity bf16 vs float32 {result['fidelity_bfloat16_vs_float32']}")
-    del recs
-    _write(result)
+    if want("defaults"):  # (a) speed with each generator's defaults
+        runs, recs = compare_runs(sam, image, "defaults", True, points_per_side=points)
+        result["speed_defaults"] = {"model": "vit_b", "points_per_side": points, **runs}
+        _write(result)
 
-    # (f) crop layers: on vs off at the defaults (ours), fidelity vs the reference
-    crop = {}
-    for layers in (0, 1):
-        if layers == 0:
+    if want("unfiltered"):  # (b) every filter off: the honest ratio, fidelity, bf16
+        kw = {"points_per_side": points, **UNFILTERED}
+        runs, recs = compare_runs(sam, image, "unfiltered", True, **kw)
+        result["speed_unfiltered"] = {"model": "vit_b", **kw, **runs}
+        fid = fidelity(recs["reference_float32"], recs["fast_float32"])
+        result["fidelity"] = {"model": "vit_b", **kw, **fid}
+        log(f"fidelity {fid}")
+        fid16 = fidelity(recs["fast_float32"], recs["fast_bfloat16"])
+        share = fid16["matched_below_0.9"] / max(fid16["reference_masks"], 1)
+        result["fidelity_bfloat16_vs_float32"] = {
+            "model": "vit_b",
+            **kw,
+            "note": "reference_* here is our float32 run, fast_* our bf16 run",
+            "share_below_0.9": round(share, 6),
+            **fid16,
+        }
+        log(f"fidelity bf16 vs float32 {result['fidelity_bfloat16_vs_float32']}")
+        del recs
+        _write(result)
+
+    if want("crop"):  # (f) crop layers: on vs off at the defaults, fidelity vs reference
+        crop: dict[str, Any] = {}
+        if "speed_defaults" in result:
             d = result["speed_defaults"]
             crop["crop_n_layers_0"] = {k: d[k] for k in ("fast_float32", "fast_bfloat16")}
-            continue
         runs, _ = compare_runs(sam, image, "crop 1", False, points_per_side=points, crop_n_layers=1)
-        crop[f"crop_n_layers_{layers}"] = runs
-    for dt in ("fast_float32", "fast_bfloat16"):
-        crop[f"{dt}_crop1_over_crop0_wall"] = round(
-            crop["crop_n_layers_1"][dt]["wall_s"] / crop["crop_n_layers_0"][dt]["wall_s"], 2
-        )
-    kw = {"points_per_side": crop_fid_points, "crop_n_layers": 1, "crop_nms_thresh": 1.0}
-    kw.update(UNFILTERED)
-    with crop_edge_filter_off():
-        ref = run_reference(sam, image, "crop fidelity", **kw)
-        fast = run_fast(sam, image, "crop fidelity", torch.float32, **kw)
-    crop["fidelity_crop_n_layers_1"] = {
-        "model": "vit_b",
-        **kw,
-        "crop_edge_filter": "off on both sides (patched): " + CROP_EDGE,
-        "crops_with_masks": len({tuple(r["crop_box"]) for r in ref["_records"]}),
-        "reference_wall_s": ref["wall_s"],
-        "fast_float32_wall_s": fast["wall_s"],
-        **fidelity(ref["_records"], fast["_records"]),
-    }
-    result["crop_layers"] = {"model": "vit_b", "points_per_side": points, **crop}
-    log(f"crop layers {result['crop_layers']}")
+        crop["crop_n_layers_1"] = runs
+        for dt in ("fast_float32", "fast_bfloat16"):
+            if "crop_n_layers_0" in crop:
+                crop[f"{dt}_crop1_over_crop0_wall"] = round(
+                    crop["crop_n_layers_1"][dt]["wall_s"] / crop["crop_n_layers_0"][dt]["wall_s"],
+                    2,
+                )
+        kw = {"points_per_side": crop_fid_points, "crop_n_layers": 1, "crop_nms_thresh": 1.0}
+        kw.update(UNFILTERED)
+        with crop_edge_filter_off():
+            ref = run_reference(sam, image, "crop fidelity", **kw)
+            fast = run_fast(sam, image, "crop fidelity", torch.float32, **kw)
+        crop["fidelity_crop_n_layers_1"] = {
+            "model": "vit_b",
+            **kw,
+            "crop_edge_filter": "off on both sides (patched): " + CROP_EDGE,
+            "crops_with_masks": len({tuple(r["crop_box"]) for r in ref["_records"]}),
+            "reference_wall_s": ref["wall_s"],
+            "fast_float32_wall_s": fast["wall_s"],
+            **fidelity(ref["_records"], fast["_records"]),
+        }
+        result["crop_layers"] = {"model": "vit_b", "points_per_side": points, **crop}
+        log(f"crop layers {result['crop_layers']}")
+        _write(result)
     sam = None  # free it
-    _write(result)
 
-    # MobileSAM: encoder, prompted and automatic (unfiltered) in both dtypes
-    log("building MobileSAM (random weights)")
-    mobile = build("mobile")
-    embed(mobile, image, dtype=bf16)  # warm-up
-    menc = encoder_times(
-        mobile, image, [("float32", True, torch.float32), ("bfloat16", True, bf16)]
-    )
-    menc["bfloat16_speedup"] = round(menc["float32"]["wall_s"] / menc["bfloat16"]["wall_s"], 2)
-    menc["embedding_bfloat16_vs_float32"] = compare.embedding_error(mobile, image)
-    mpr = {
-        "float32": prompted(mobile, image, torch.float32),
-        "bfloat16": prompted(mobile, image, bf16),
-    }
-    mpr["cold_bfloat16_over_float32"] = round(
-        mpr["bfloat16"]["cold_s"] / mpr["float32"]["cold_s"], 3
-    )
-    mpr["masks_bfloat16_vs_float32"] = compare.prompted_ious(mobile, image, side=4)
-    mauto = compare.automatic_ious(mobile, image, points_per_side=points // 2, **UNFILTERED)
-    result["mobile"] = {
-        "encoder": menc,
-        "prompted": mpr,
-        "automatic_unfiltered": {"points_per_side": points // 2, **UNFILTERED, **mauto},
-    }
-    log(f"mobile {result['mobile']}")
-    mobile = None
-    _write(result)
+    if want("mobile"):  # MobileSAM: encoder, prompted and automatic (unfiltered)
+        log("building MobileSAM (random weights)")
+        mobile = build("mobile")
+        embed(mobile, image, dtype=bf16)  # warm-up
+        kinds = [("float32", True, torch.float32), ("bfloat16", True, bf16)]
+        menc = encoder_times(mobile, image, kinds, reps)
+        menc["bfloat16_speedup"] = round(
+            menc["float32"]["wall_s"] / menc["bfloat16"]["wall_s"], 2
+        )
+        menc["embedding_bfloat16_vs_float32"] = compare.embedding_error(mobile, image)
+        mpr = prompted(mobile, image, reps)
+        mpr["masks_bfloat16_vs_float32"] = compare.prompted_ious(mobile, image, side=4)
+        kw = {"points_per_side": points // 2, **UNFILTERED}
+        mauto = compare.automatic_ious(mobile, image, **kw)
+        result["mobile"] = {
+            "encoder": menc,
+            "prompted": mpr,
+            "automatic_unfiltered": {**kw, **mauto},
+        }
+        log(f"mobile {result['mobile']}")
+        mobile = None
+        _write(result)
 
-    # (c) memory
-    sizes = [1, 12]
-    table: dict[str, dict[str, Any]] = {}
-    runs_mem = [("fast", mp, c) for mp in sizes for c in (0, 1)]
-    runs_mem += [("reference", mp, 0) for mp in ([1, 6, 12] if args.reference_memory else [1])]
-    for kind, mp, c in runs_mem:
-        key = f"{kind}_crop{c}" if kind == "fast" else kind
-        log(f"memory: {key} at {mp} MP ...")
-        table.setdefault(f"{mp}MP", {})[key] = r = memory_run(kind, mp, "tiny", mem_points, c)
-        log(f"memory: {key} at {mp} MP: {r}")
-        _write({**result, "memory": {"rows": table}})
-    big = table[f"{sizes[-1]}MP"]
-    c0, c1 = big["fast_crop0"].get("peak_rss_mib"), big["fast_crop1"].get("peak_rss_mib")
-    flat = {}
-    for c in (0, 1):
-        lo = table[f"{sizes[0]}MP"][f"fast_crop{c}"].get("peak_rss_mib")
-        hi = big[f"fast_crop{c}"].get("peak_rss_mib")
-        flat[f"crop{c}"] = round(hi / lo, 3) if lo and hi else None
-    result["memory"] = {
-        "model": "tiny",
-        "points_per_side": mem_points,
-        **UNFILTERED,
-        "rss_limit": "14 GB (reference killed above)",
-        "rows": table,
-        f"fast_crop1_over_crop0_at_{sizes[-1]}MP": round(c1 / c0, 3) if c0 and c1 else None,
-        f"fast_peak_{sizes[-1]}MP_over_{sizes[0]}MP": flat,
-    }
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    result["total_s"] = round(time.perf_counter() - t_start, 1)
+    if want("memory"):  # (c)
+        sizes = [1, 12]
+        table: dict[str, dict[str, Any]] = {}
+        runs_mem = [("fast", mp, c) for mp in sizes for c in (0, 1)]
+        runs_mem += [("reference", mp, 0) for mp in ([1, 6, 12] if args.reference_memory else [1])]
+        for kind, mp, c in runs_mem:
+            key = f"{kind}_crop{c}" if kind == "fast" else kind
+            log(f"memory: {key} at {mp} MP ...")
+            table.setdefault(f"{mp}MP", {})[key] = r = memory_run(kind, mp, "tiny", mem_points, c)
+            log(f"memory: {key} at {mp} MP: {r}")
+            _write({**result, "memory": {"rows": table}})
+        big = table[f"{sizes[-1]}MP"]
+        c0, c1 = big["fast_crop0"].get("peak_rss_mib"), big["fast_crop1"].get("peak_rss_mib")
+        flat = {}
+        for c in (0, 1):
+            lo = table[f"{sizes[0]}MP"][f"fast_crop{c}"].get("peak_rss_mib")
+            hi = big[f"fast_crop{c}"].get("peak_rss_mib")
+            flat[f"crop{c}"] = round(hi / lo, 3) if lo and hi else None
+        result["memory"] = {
+            "model": "tiny",
+            "points_per_side": mem_points,
+            **UNFILTERED,
+            "crop_runs": "crop_nms_thresh 1.0 and the crop-edge filter off: " + CROP_EDGE,
+            "rss_limit": "14 GB (reference killed above)",
+            "rows": table,
+            f"fast_crop1_over_crop0_at_{sizes[-1]}MP": round(c1 / c0, 3) if c0 and c1 else None,
+            f"fast_peak_{sizes[-1]}MP_over_{sizes[0]}MP": flat,
+        }
+    if only is None:
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        result["total_s"] = round(time.perf_counter() - t_start, 1)
     _write(result)
     log(f"done in {result['total_s']} s -> {RESULTS}")
 
