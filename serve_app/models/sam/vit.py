@@ -26,7 +26,7 @@ from segment_anything.modeling.image_encoder import (
 from torch import Tensor, nn
 
 
-def attention(attn: nn.Module, x: Tensor) -> Tensor:
+def attention(attn: nn.Module, x: Tensor, scratch: dict | None = None) -> Tensor:
     """segment_anything.modeling.image_encoder.Attention.forward via SDPA."""
     b, h, w, _ = x.shape
     n = attn.num_heads
@@ -41,7 +41,7 @@ def attention(attn: nn.Module, x: Tensor) -> Tensor:
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
         rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
     if q.dtype == torch.bfloat16:
-        out = _attention_explicit(q, k, v, rel_h, rel_w, h, w)
+        out = _attention_explicit(q, k, v, rel_h, rel_w, h, w, scratch)
     else:
         bias = None
         if rel_h is not None:
@@ -52,28 +52,48 @@ def attention(attn: nn.Module, x: Tensor) -> Tensor:
 
 
 def _attention_explicit(
-    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor | None, rel_w: Tensor | None, h: int, w: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor | None,
+    rel_w: Tensor | None,
+    h: int,
+    w: int,
+    scratch: dict | None = None,
 ) -> Tensor:
     """softmax(q k^T / sqrt(d) + rel_h + rel_w) v with the bias added in place (no
     (N, N) bias tensor), all in q's dtype: autocast is off so the softmax is not
-    upcast to a float32 copy of the score matrix."""
+    upcast to a float32 copy of the score matrix.
+
+    The score matrix is written, biased and softmaxed in one buffer, which `scratch`
+    keeps across blocks of the same shape: for a global block it is 400 MB (vit_b),
+    an allocation the C library maps fresh, page-faulting and zeroing it, every time.
+    """
     b, n, length, d = q.shape
+    shape = (b, n, length, k.shape[2])
     with torch.autocast(q.device.type, enabled=False):
-        s = torch.matmul(q * d**-0.5, k.transpose(-2, -1))
+        key = (shape, q.dtype, q.device)
+        buf = scratch.get(key) if scratch is not None else None
+        if buf is None:
+            buf = torch.empty(shape, dtype=q.dtype, device=q.device)
+            if scratch is not None:
+                scratch[key] = buf
+        s = torch.matmul(q * d**-0.5, k.transpose(-2, -1), out=buf)
         if rel_h is not None:
             grid = s.view(b * n, h, w, h, w)
             grid.add_(rel_h.to(s.dtype)[:, :, :, :, None]).add_(rel_w.to(s.dtype)[:, :, :, None, :])
-        return torch.matmul(torch.softmax(s, dim=-1), v)
+        s = torch.ops.aten._softmax.out(s, -1, False, out=s)  # in place
+        return torch.matmul(s, v)
 
 
-def block(blk: nn.Module, x: Tensor) -> Tensor:
+def block(blk: nn.Module, x: Tensor, scratch: dict | None = None) -> Tensor:
     """segment_anything.modeling.image_encoder.Block.forward with `attention` above."""
     shortcut = x
     x = blk.norm1(x)
     if blk.window_size > 0:
         h, w = x.shape[1], x.shape[2]
         x, pad_hw = window_partition(x, blk.window_size)
-    x = attention(blk.attn, x)
+    x = attention(blk.attn, x, scratch)
     if blk.window_size > 0:
         x = window_unpartition(x, blk.window_size, pad_hw, (h, w))
     x = shortcut + x
@@ -92,6 +112,7 @@ def forward(encoder: nn.Module, x: Tensor) -> Tensor:
     x = encoder.patch_embed(x)
     if encoder.pos_embed is not None:
         x = x + encoder.pos_embed
+    scratch: dict = {}  # attention score buffers, reused across blocks (bf16 only)
     for blk in encoder.blocks:
-        x = block(blk, x)
+        x = block(blk, x, scratch)
     return encoder.neck(x.permute(0, 3, 1, 2))
