@@ -580,7 +580,7 @@ def main() -> None:
         result["machine"]["loadavg_end"] = os.getloadavg()
         result["total_s"] = round(time.perf_counter() - t_start, 1)
     _write(result)
-    log(f"done in {result['total_s']} s -> {RESULTS}")
+    log(f"done in {round(time.perf_counter() - t_start, 1)} s -> {RESULTS}")
 
 
 def _write(result: dict[str, Any]) -> None:
