@@ -249,9 +249,8 @@ def test_every_route_is_declared_in_the_router():
 
 
 def test_middleware_is_registered_in_api_py():
-    from serve_app.api import api
-
     from serve_app.access import RequestObserver
+    from serve_app.api import api
 
     # Outermost first: the observer sees every answer, the API key's 401s included.
     assert [m.cls for m in api.user_middleware] == [RequestObserver, openfaas.InvocationCounter,
