@@ -50,7 +50,8 @@ HEADER = """\
 SERVE_HEADER = """\
 # config/serve.yaml merged with kuberay/cluster.yaml (serve.deployments, placement as
 # label_selector, gpu) by kuberay/overlay.py; http_options.host 0.0.0.0 so that the
-# <name>-serve-svc Service reaches the proxy on the pod IP.{profile}
+# <name>-serve-svc Service reaches the proxy on the pod IP; args.require_api_key true (the
+# router does not start without the key, whose Secret is not optional).{profile}
 """
 
 
@@ -109,8 +110,10 @@ def _api_key_env(serve_cfg: dict[str, Any], cluster: dict[str, Any]) -> list[dic
     )
     if not secret or not env_name:
         return []
-    # optional: without the Secret the pods start and the service runs without auth.
-    ref = {"name": secret["name"], "key": secret["key"], "optional": True}
+    # Not optional when the config requires a key (the generated one does): a missing
+    # Secret then keeps the pods from starting instead of serving without auth.
+    required = bool((serve_cfg["applications"][0].get("args") or {}).get("require_api_key"))
+    ref = {"name": secret["name"], "key": secret["key"], "optional": not required}
     return [{"name": env_name, "valueFrom": {"secretKeyRef": ref}}]
 
 

@@ -30,12 +30,15 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def cluster_serve_config(serve_cfg: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
     """`serve_cfg` as the cluster runs it: overlay's per-deployment overrides merged in, each
-    deployment selecting its worker group's node label, num_gpus on the GPU group, and the
-    proxy on 0.0.0.0. Raises SizingError when an override names no deployment or a graceful
-    shutdown is shorter than the requests it would cut."""
+    deployment selecting its worker group's node label, num_gpus on the GPU group, the
+    proxy on 0.0.0.0 and require_api_key true. Raises SizingError when an override names no
+    deployment or a graceful shutdown is shorter than the requests it would cut."""
     cfg = copy.deepcopy(serve_cfg)
     cfg.setdefault("http_options", {})["host"] = CLUSTER_HOST
     app = cfg["applications"][0]
+    # Listening on the pod IP, the router must not start without a key (and generate.py then
+    # makes the key Secret not optional, so a pod without it does not start at all).
+    app.setdefault("args", {})["require_api_key"] = True
     deps = {d["name"]: d for d in app["deployments"]}
     serve = cluster.get("serve") or {}
     overrides = serve.get("deployments") or {}

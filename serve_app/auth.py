@@ -6,6 +6,10 @@ replica starts, so a request never sees half of a change. Rotating the key means
 processes with the new environment: on Kubernetes, restarting the pods (a rolling update),
 since Ray's worker processes inherit the container's environment fixed at pod start.
 
+The variable may hold several keys separated by commas (one per client, say): each is valid,
+and jobs are private to the key that submitted them (the jobs table keeps a hash of it, see
+``caller_id``).
+
 Accepted credentials: ``Authorization: Bearer <key>``, or HTTP Basic whose *password* is the
 key (the user name is ignored) because ``faas-cli login`` sends Basic. ``Bearer`` with an
 empty token is what faas-cli sends when it is not logged in: it counts as no credentials.
@@ -19,8 +23,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -43,6 +49,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+log = logging.getLogger("ray.serve")
+Keys = tuple[str, ...]
+
+
 def api_key(env_name: str = DEFAULT_ENV) -> str | None:
     """The key held in ``env_name``, or None when unset or blank (auth off).
 
@@ -53,20 +63,61 @@ def api_key(env_name: str = DEFAULT_ENV) -> str | None:
     return value or None
 
 
-# The key this process enforces; set at import (default name) and again by configure_auth()
+def api_keys(env_name: str = DEFAULT_ENV) -> Keys | None:
+    """The comma-separated keys in ``env_name`` (blanks dropped), or None: auth off."""
+    value = api_key(env_name)
+    keys = tuple(k.strip() for k in (value or "").split(",") if k.strip())
+    return keys or None
+
+
+class AuthConfigError(RuntimeError):
+    """require_api_key is set but no key is there: the router must not start open."""
+
+
+# The keys this process enforces; set at import (default name) and again by configure_auth()
 # with the configured name when the router replica starts.
-_configured: dict[str, str | None] = {"env": DEFAULT_ENV, "key": api_key(DEFAULT_ENV)}
+_configured: dict[str, str | Keys | None] = {"env": DEFAULT_ENV, "key": api_keys(DEFAULT_ENV)}
 
 
-def configure_auth(env_name: str) -> bool:
-    """Read the key from ``env_name`` now; returns whether auth is on. Call at replica start."""
+def configure_auth(env_name: str, required: bool = False) -> bool:
+    """Read the keys from ``env_name`` now; returns whether auth is on. Call at replica start.
+
+    Logs whether auth is on either way; with ``required`` and no key, raises AuthConfigError
+    rather than serve every route to anyone.
+    """
+    keys = api_keys(env_name)
+    if keys is None and required:
+        raise AuthConfigError(
+            f"require_api_key is true but ${env_name} is unset or blank: refusing to start "
+            f"without auth. Put the key(s) in ${env_name} (on KubeRay: the Secret named in "
+            "kuberay/cluster.yaml), or set require_api_key: false in config/serve.yaml"
+        )
     _configured["env"] = env_name
-    _configured["key"] = api_key(env_name)
-    return _configured["key"] is not None
+    _configured["key"] = keys
+    if keys is None:
+        log.warning("API key auth is OFF: $%s is unset or blank, every route is open", env_name)
+    else:
+        log.info("API key auth is ON: %d key(s) from $%s", len(keys), env_name)
+    return keys is not None
 
 
-def current_key() -> str | None:
+def current_key() -> str | Keys | None:
     return _configured["key"]
+
+
+def caller_id(key: str) -> str:
+    """A stable, non-reversible name for the holder of ``key`` (jobs are private to it)."""
+    return hashlib.sha256(b"visionserve-caller:" + key.encode("utf-8")).hexdigest()
+
+
+# A key of its own in the request's scope (a fresh dict per request), not scope["state"],
+# which servers may fill from state shared by every request.
+CALLER_SCOPE_KEY = "visionserve.caller"
+
+
+def request_caller(scope: Scope) -> str | None:
+    """The caller id the middleware recorded for this request; None when auth is off."""
+    return scope.get(CALLER_SCOPE_KEY)
 
 
 def credentials(header: str | None) -> str | None:
@@ -110,7 +161,9 @@ class ApiKeyMiddleware:
     own source.
     """
 
-    def __init__(self, app: ASGIApp, key_source: Callable[[], str | None] = current_key) -> None:
+    def __init__(
+        self, app: ASGIApp, key_source: Callable[[], str | Keys | None] = current_key
+    ) -> None:
         self.app = app
         self.key_source = key_source
 
@@ -119,7 +172,8 @@ class ApiKeyMiddleware:
         if key is None or scope["type"] not in ("http", "websocket") or _exempt(scope):
             await self.app(scope, receive, send)
             return
-        problem = _problem(scope, key)
+        keys = (key,) if isinstance(key, str) else tuple(key)
+        problem = _problem(scope, keys)
         if problem is None:
             await self.app(scope, receive, send)
             return
@@ -137,8 +191,9 @@ def _exempt(scope: Scope) -> bool:
     return page and scope["type"] == "http" and scope.get("method") in ("GET", "HEAD")
 
 
-def _problem(scope: Scope, key: str) -> tuple[str, str | None] | None:
-    """None if the request carries the key, else (detail, RFC 6750 error code or None)."""
+def _problem(scope: Scope, keys: Keys) -> tuple[str, str | None] | None:
+    """None if the request carries a key (recorded in the scope as the caller, see
+    ``request_caller``), else (detail, RFC 6750 error code or None)."""
     values = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
     if len(values) > 1:
         return "more than one Authorization header", "invalid_request"
@@ -149,8 +204,11 @@ def _problem(scope: Scope, key: str) -> tuple[str, str | None] | None:
         return str(err), "invalid_request"
     if presented is None:
         return "this service needs an API key: send Authorization: Bearer <key>", None
-    if not key_matches(presented, key):
+    # Every key is compared (no early exit), so timing shows no more than one comparison.
+    matched = [key_matches(presented, key) for key in keys]
+    if not any(matched):
         return "invalid API key", "invalid_token"
+    scope[CALLER_SCOPE_KEY] = caller_id(presented)
     return None
 
 

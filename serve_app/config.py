@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve_app import DEFAULT_MAX_PIXELS
 from serve_app.registry import MODELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,10 @@ class _Strict(BaseModel):
 
 class Limits(_Strict):
     max_body_bytes: int = Field(50 * 2**20, gt=0)
-    max_pixels: int = Field(50_000_000, gt=0)
+    # JSON bodies are parsed whole into Python objects (~10x their size in memory, seconds
+    # of CPU at 50 MiB), so they get a much smaller cap than raw image bytes.
+    max_json_bytes: int = Field(8 * 2**20, gt=0)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     fetch_max_bytes: int = Field(50 * 2**20, gt=0)
     fetch_connect_timeout_s: float = Field(5.0, gt=0)
     fetch_read_timeout_s: float = Field(30.0, gt=0)
@@ -57,8 +61,13 @@ class ModelSettings(_Strict):
 
 
 class JobSettings(_Strict):
-    max_jobs: int = Field(64, gt=0)
+    max_jobs: int = Field(64, gt=0)  # queued + running
     ttl_s: float = Field(3600.0, gt=0)
+    # Finished jobs kept (oldest evicted first) and the bytes their results may hold in all;
+    # both must fit the jobs replica's `memory`.
+    max_finished_jobs: int = Field(1024, gt=0)
+    max_result_bytes: int = Field(256 * 2**20, gt=0)
+    max_callbacks: int = Field(16, gt=0)  # callback deliveries in flight at once
     callback_timeout_s: float = Field(10.0, gt=0)
     callback_retries: int = Field(3, ge=0, le=10)
 
@@ -70,8 +79,10 @@ class AppSettings(_Strict):
     limits: Limits = Field(default_factory=Limits)
     # Hosts, IPs or CIDRs exempt from the private-address refusal (tests, intranets).
     fetch_allow_hosts: list[str] = Field(default_factory=list)
-    # Name of the environment variable holding the API key; unset or empty = no auth.
+    # Name of the environment variable holding the API key; unset or empty = no auth,
+    # unless require_api_key, when the router refuses to start without a key.
     api_key_env: str = "VISIONSERVE_API_KEY"
+    require_api_key: bool = False
     jobs: JobSettings = Field(default_factory=JobSettings)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
 
@@ -184,7 +195,23 @@ def validate_config(cfg: dict[str, Any]) -> AppSettings:
 
     settings = parse_app_settings(app.get("args"))
     _check_deployments(cfg, app, settings)
+    _check_opencv_limit(app, settings)
     return settings
+
+
+OPENCV_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
+
+
+def _check_opencv_limit(app: dict, settings: AppSettings) -> None:
+    """OpenCV reads its pixel limit from the environment at import, before any of our code
+    knows the config, so the app's runtime_env carries it; it must equal max_pixels."""
+    env = ((app.get("runtime_env") or {}).get("env_vars") or {}).get(OPENCV_PIXELS_ENV)
+    want = str(settings.limits.max_pixels)
+    if env is None or str(env) != want:
+        raise ConfigError(
+            f"applications[0].runtime_env.env_vars.{OPENCV_PIXELS_ENV} must be \"{want}\" "
+            f"(= args.limits.max_pixels: OpenCV's own decoder limit), got {env!r}"
+        )
 
 
 def _check_deployments(cfg: dict, app: dict, settings: AppSettings) -> None:

@@ -31,6 +31,8 @@ class Job:
     callback_url: str | None = None
     callback_status: str | None = None
     request_id: str | None = None
+    owner: str | None = None  # auth.caller_id of the submitter; None with auth off
+    held_bytes: int = 0  # what the job table counts against jobs.max_result_bytes
 
     def fail(self, err: ServiceError) -> None:
         self.status = "failed"

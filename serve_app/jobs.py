@@ -21,8 +21,9 @@ from serve_app import metrics
 from serve_app.callbacks import post_callback
 from serve_app.calls import call_model
 from serve_app.config import AppSettings
-from serve_app.errors import ServiceError, Unavailable, request_id
+from serve_app.errors import ServiceError, request_id
 from serve_app.job import Job
+from serve_app.jobtable import JobTable
 from serve_app.registry import MODELS
 
 log = logging.getLogger("ray.serve")
@@ -33,15 +34,10 @@ class JobManager:
     def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
         self.settings = AppSettings.model_validate(settings)
         self.models = models
-        self.jobs: dict[str, Job] = {}
+        # Bounded and private: see serve_app/jobtable.py.
+        self.jobs = JobTable(self.settings.jobs)
         self._tasks: set[asyncio.Task] = set()
-
-    def _evict(self) -> None:
-        now = time.time()
-        ttl = self.settings.jobs.ttl_s
-        for job_id, job in list(self.jobs.items()):
-            if job.finished and now - job.finished > ttl:
-                del self.jobs[job_id]
+        self._callback_slots = asyncio.Semaphore(self.settings.jobs.max_callbacks)
 
     async def submit(
         self,
@@ -52,23 +48,18 @@ class JobManager:
         filename: str | None = None,
         callback_url: str | None = None,
         job_id: str | None = None,
+        owner: str | None = None,
     ) -> dict[str, Any]:
-        self._evict()
-        active = sum(1 for j in self.jobs.values() if j.status in ("queued", "running"))
-        if active >= self.settings.jobs.max_jobs:
-            raise Unavailable(
-                "too_many_jobs",
-                f"{active} jobs are queued or running (jobs.max_jobs); retry later",
-            )
         job = Job(
             job_id or uuid.uuid4().hex,
             model,
             output,
             callback_url=callback_url,
             request_id=request_id(),
+            owner=owner,
         )
-        self.jobs[job.id] = job
-        metrics.watch_jobs(lambda: list(self.jobs.values()))
+        self.jobs.admit(job, len(data))
+        metrics.watch_jobs(lambda: list(self.jobs))
         task = asyncio.create_task(self._run(job, data, params, filename))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -110,15 +101,20 @@ class JobManager:
             )
         finally:
             job.finished = time.time()
+            try:
+                self.jobs.finish(job)
+            except ServiceError as err:  # the result is over the table's byte budget
+                job.fail(err)
         metrics.record_job(job)
         if job.callback_url:
-            job.callback_status = await post_callback(job, self.settings)
+            async with self._callback_slots:  # jobs.max_callbacks deliveries at once
+                job.callback_status = await post_callback(job, self.settings)
 
-    async def status(self, job_id: str) -> dict[str, Any]:
-        return self._get(job_id).view()
+    async def status(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        return self._get(job_id, owner).view()
 
-    async def result(self, job_id: str) -> dict[str, Any]:
-        job = self._get(job_id)
+    async def result(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        job = self._get(job_id, owner)
         if job.status == "failed":
             raise job.failure()
         if job.status != "done":
@@ -129,19 +125,19 @@ class JobManager:
             )
         return {"output": job.output, "result": job.result or {}}
 
-    async def list(self) -> list[dict[str, Any]]:
-        self._evict()
-        return [j.view() for j in self.jobs.values()]
+    async def list(self, owner: str | None = None) -> list[dict[str, Any]]:
+        return [j.view() for j in self.jobs.owned_by(owner)]
 
-    def _get(self, job_id: str) -> Job:
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise ServiceError(
-                404,
-                "unknown_job",
-                f"no job {job_id!r} (finished jobs are kept {self.settings.jobs.ttl_s:.0f} s)",
-            )
-        return job
+    def _get(self, job_id: str, owner: str | None) -> Job:
+        return self.jobs.get(job_id, owner)  # type: ignore[return-value]
+
+    def stats(self) -> dict[str, int]:
+        """What the table holds (for tests and operators): jobs, bytes, the replica's peak."""
+        import resource
+
+        return {"jobs": len(self.jobs), "active": self.jobs.active(),
+                "held_bytes": self.jobs.held_bytes,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 async def _follow(job: Job, stream: Any) -> dict[str, Any] | None:

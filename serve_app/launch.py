@@ -69,6 +69,10 @@ def with_overrides(
     app_args = app.setdefault("args", {})
     for key, value in (args or {}).items():
         app_args[key] = value
+    pixels = (app_args.get("limits") or {}).get("max_pixels")
+    if pixels is not None:  # OpenCV's own limit follows the service's (see config.py)
+        env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(pixels)
     deps = {d["name"]: d for d in app["deployments"]}
     for name, change in (models or {}).items():
         if change is None:

@@ -28,27 +28,56 @@ class BaseOptions(BaseModel):
     threads: int | None = None  # default: ceil(the replica's num_cpus)
 
 
-class PigoOptions(BaseOptions):
+class DetectorOptions(BaseOptions):
+    # Tests only: each request may ask for `test_delay_s` of service time, spent holding the
+    # model (and cancellable), so that load tests do not depend on the machine's speed.
+    test_delay_param: bool = False
+
+
+class PigoOptions(DetectorOptions):
     weights: str = "facefinder"
     # pigo's grayscale: "head" (the reference detections) or "v1_1_0" (what the OpenFaaS
     # store function was built with; differs by one level on some pixels).
     gray: Literal["head", "v1_1_0"] = "head"
+    # Windows one request may scan (serve_app/deployments/budget.py): the store parameters on
+    # a 50 MP image are 103 M (~9 s on one 2-core laptop); min_size=4, shift_factor=0.01 are
+    # 5.7 G. Window sides scanned: each costs the scan a 0.5 MiB offset table.
+    max_windows: int = Field(200_000_000, gt=0)
+    max_scales: int = Field(128, gt=0)
 
 
-class HaarOptions(BaseOptions):
+class HaarOptions(DetectorOptions):
     cascade: str = "haarcascade_frontalface_default.xml"  # a file in cv2.data.haarcascades
+    # Windows one request may scan: the defaults (1.1, 30) on a 50 MP image are 86 M (~30 s
+    # on one 2-core laptop); scale_factor=1.01, min_size=1 is 1.1 G.
+    max_windows: int = Field(100_000_000, gt=0)
 
 
-class CnnOptions(BaseOptions):
+class CnnOptions(DetectorOptions):
     weights: str = "res10_ssd"
     prototxt: str = "res10_prototxt"
     # 600 is the seed's blob; 300 is the net's native size, which finds large faces.
     blob_sizes: list[int] = [600, 300]
     min_inside: float = 0.8  # share of a box's area that must lie inside the image
     confidence: float = 0.85
+    # The net's work is its blobs' pixels, fixed by blob_sizes (no request parameter changes
+    # it), so the budget is checked once, here, when the config is loaded.
+    max_blob_pixels: int = Field(2 * 1024 * 1024, gt=0)
+
+    @model_validator(mode="after")
+    def _blobs_within_budget(self) -> CnnOptions:
+        work = sum(s * s for s in self.blob_sizes)
+        if not self.blob_sizes or min(self.blob_sizes) < 32:
+            raise ValueError("blob_sizes must be sides of at least 32 pixels")
+        if work > self.max_blob_pixels:
+            raise ValueError(
+                f"blob_sizes {self.blob_sizes} are {work} pixels a request, over "
+                f"max_blob_pixels {self.max_blob_pixels}"
+            )
+        return self
 
 
-class YuNetOptions(BaseOptions):
+class YuNetOptions(DetectorOptions):
     weights: Literal["yunet_n", "yunet_s"] = "yunet_n"
     score_threshold: float = Field(0.7, gt=0, le=1)
     nms_threshold: float = Field(0.3, gt=0, lt=1)

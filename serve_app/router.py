@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import openfaas
 from serve_app.access import observe_model_call
 from serve_app.api import api
-from serve_app.auth import configure_auth
+from serve_app.auth import configure_auth, request_caller
 from serve_app.batch import BatchLimits, batch_answer, parse_batch_request, run_batch
 from serve_app.calls import call_model
 from serve_app.config import AppSettings
@@ -48,7 +48,7 @@ class Router:
         jobs: DeploymentHandle,
     ) -> None:
         self.settings = AppSettings.model_validate(settings)
-        configure_auth(self.settings.api_key_env)
+        configure_auth(self.settings.api_key_env, required=self.settings.require_api_key)
         self.models = models
         self.jobs = jobs
         self.limits = self.settings.limits
@@ -130,7 +130,8 @@ class Router:
     async def _read(self, request: Request, default_output: str) -> tuple[ImageRequest, str]:
         """The image and parameters of a request, and the answer format it asks for."""
         image = await parse_image_request(
-            request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch
+            request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch,
+            max_json_bytes=self.limits.max_json_bytes,
         )
         return image, request.query_params.get("format", default_output)
 
@@ -148,7 +149,8 @@ class Router:
         """Read the image and hand it to the jobs deployment; the job's first view."""
         image, output = await self._read(request, default_output)
         args = (model, image.data, image.params, output, image.filename, *extra)
-        return await self.jobs.submit.remote(*args)
+        # The job is the caller's own (serve_app/jobtable.py): None with auth off.
+        return await self.jobs.submit.remote(*args, owner=request_caller(request.scope))
 
     @api.post("/v1/detect/{model}")
     async def detect(self, model: str, request: Request) -> Response:
@@ -181,17 +183,18 @@ class Router:
         view = await self._submit(model, request, "json")
         return JSONResponse(view, status_code=202, headers={"Location": view["status_url"]})
 
+    # Jobs are private to the caller that submitted them (serve_app/jobtable.py).
     @api.get("/v1/jobs")
-    async def list_jobs(self) -> dict[str, Any]:
-        return {"jobs": await self.jobs.list.remote()}
+    async def list_jobs(self, request: Request) -> dict[str, Any]:
+        return {"jobs": await self.jobs.list.remote(request_caller(request.scope))}
 
     @api.get("/v1/jobs/{job_id}")
-    async def job_status(self, job_id: str) -> dict[str, Any]:
-        return await self.jobs.status.remote(job_id)
+    async def job_status(self, job_id: str, request: Request) -> dict[str, Any]:
+        return await self.jobs.status.remote(job_id, request_caller(request.scope))
 
     @api.get("/v1/jobs/{job_id}/result")
-    async def job_result(self, job_id: str) -> Response:
-        done = await self.jobs.result.remote(job_id)
+    async def job_result(self, job_id: str, request: Request) -> Response:
+        done = await self.jobs.result.remote(job_id, request_caller(request.scope))
         return answer(done["result"], done["output"])
 
     # -- OpenFaaS gateway API (faas-cli) ------------------------------------------------

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import IMAGES, PICO, REPO, TEST_IMAGE_HOST, TEST_LIMITS, YUNET
+from helpers import EXTRA_FILES, IMAGES, PICO, REPO, TEST_IMAGE_HOST, TEST_LIMITS, YUNET
 
 # Tests using any of these run against the real Ray + Serve service: marked `service`, so that
 # `make test-fast` (-m "not slow and not service") runs the unit tests without starting Ray.
@@ -79,6 +79,9 @@ def service_config(port: int, model_dir: Path) -> dict:
 # MobileSAM runs its real TinyViT; vit_l and vit_h keep the shipped options and so show
 # the missing-weights behaviour (503 with the fetch command).
 SAM_TEST_MODELS: dict = {
+    # Load tests ask this detector for a fixed service time (`test_delay_s`), so that how
+    # fast its queue drains does not depend on the machine (tests/test_faults.py).
+    "cnn-face-detection": {"options": {"test_delay_param": True}},
     "sam-segmentation-light": {
         "options": {"variant": "tiny", "random_weights": True, "points_per_side": 8,
                     "max_points_per_side": 16, "embedding_cache_bytes": 64 * 2**20},
@@ -173,6 +176,13 @@ class _ImageHandler(http_server.SimpleHTTPRequestHandler):
             body = b"this is not an image"
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path.startswith("/extra/") and self.path[7:] in EXTRA_FILES:
+            body = EXTRA_FILES[self.path[7:]]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -28,6 +28,9 @@ TEST_LIMITS = {
     "fetch_read_timeout_s": 5,
     "fetch_max_redirects": 3,
 }
+# Bodies tests add for the image server to answer at /extra/<name> (bombs, odd files), so
+# that they need not be written into the shared data folder.
+EXTRA_FILES: dict[str, bytes] = {}
 
 
 def shared_file(*parts: str) -> Path:

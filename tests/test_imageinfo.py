@@ -73,8 +73,10 @@ def test_check_pixels_boundaries() -> None:
     check_pixels(ImageInfo("png", 5000, 10000), 50_000_000)  # exactly at the limit: fine
     with pytest.raises(ServiceError):
         check_pixels(ImageInfo("png", 5001, 10000), 50_000_000)
-    check_pixels(ImageInfo("jpeg", None, None), 1)  # unknown: left to the decoder
-    check_pixels(None, 1)
+    for unknown in (ImageInfo("jpeg", None, None), None):  # fail closed: 422, never passed on
+        with pytest.raises(ServiceError) as exc:
+            check_pixels(unknown, 10**12)
+        assert (exc.value.status, exc.value.code) == (422, "unknown_image_size")
 
 
 def test_hand_made_headers_for_every_parser() -> None:
@@ -165,6 +167,9 @@ def test_random_bytes_and_corrupted_headers_never_raise() -> None:
 def test_hostile_jpeg_of_many_tiny_segments_is_cheap() -> None:
     data = b"\xff\xd8" + b"\xff\xfe\x00\x02" * 500_000 + b"\xff\xc0\x00\x0b\x08\x00\x10\x00\x10"
     assert sniff(data) == ImageInfo("jpeg", None, None)  # gave up at the segment cap
+    with pytest.raises(ServiceError) as exc:  # ... and an unknown size is refused
+        check_pixels(sniff(data), 50_000_000)
+    assert exc.value.status == 422
 
 
 def test_input_error_pickles() -> None:

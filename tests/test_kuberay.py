@@ -291,6 +291,11 @@ def test_host_is_0_0_0_0_on_the_cluster_only():
     assert load_config()["http_options"]["host"] == "127.0.0.1"
 
 
+def test_the_cluster_requires_an_api_key_the_laptop_does_not(serve_cfg):
+    assert serve_cfg["applications"][0]["args"]["require_api_key"] is True
+    assert load_config()["applications"][0]["args"]["require_api_key"] is False
+
+
 def test_every_deployment_autoscales(serve_cfg):
     for dep in serve_cfg["applications"][0]["deployments"]:
         assert "autoscaling_config" in dep, dep["name"]
@@ -389,6 +394,14 @@ def test_ha_option_sets_gcs_fault_tolerance(manifest):
     ft = _variant(ha=True)["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
     assert ft["redisAddress"].startswith("redis://")
     assert ft["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == "visionserve-redis"
+
+
+def test_api_key_comes_from_a_required_secret_on_every_ray_container(manifest):
+    # The generated config sets require_api_key: true, so the Secret is not optional.
+    for where, pod in _pods(manifest):
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        ref = env["VISIONSERVE_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "visionserve-api-key", "key": "api-key", "optional": False}, where
 
 
 # -- weights ---------------------------------------------------------------------------------

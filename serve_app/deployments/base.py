@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 import time
 from typing import Any
@@ -17,6 +18,7 @@ import ray
 
 from serve_app.config import cpu_threads, validate_options
 from serve_app.errors import Unavailable
+from serve_app.inputs.decode import check_opencv_limit, opencv_pixel_limit
 from serve_app.models import weights
 from serve_app.registry import MODELS
 
@@ -33,6 +35,7 @@ class ModelDeployment:
         self.options: Any = validate_options(name, options)
         self.model_dir = model_dir
         self.max_pixels = max_pixels
+        check_opencv_limit(max_pixels)
         self.resources = _assigned_resources()
         self.threads = self.options.threads or cpu_threads(self.resources.get("CPU"))
         cv2.setNumThreads(self.threads)
@@ -90,6 +93,9 @@ class ModelDeployment:
                 "num_gpus": self.resources.get("GPU", 0),
                 "threads": self.threads,
             },
+            "limits": {"max_pixels": self.max_pixels, "decoder_max_pixels": opencv_pixel_limit()},
+            # The replica's high-water mark: what its `memory` budget must cover.
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             **self.describe(),
         }
 

@@ -18,11 +18,13 @@ from ray import serve
 
 from serve_app import metrics
 from serve_app.deployments.base import ModelDeployment
+from serve_app.deployments.budget import check_work
 from serve_app.deployments.params import Param, parse_params
 from serve_app.errors import ServiceError
 from serve_app.inputs.decode import decode_image
+from serve_app.inputs.imageinfo import check_pixels, sniff
 from serve_app.models import weights
-from serve_app.models.types import Detection
+from serve_app.models.types import Cancelled, Detection
 from serve_app.rendering.encode import MEDIA_TYPES, encode_image
 from serve_app.rendering.faces import DRAW_MODES, render_faces
 
@@ -38,8 +40,18 @@ class DetectorDeployment(ModelDeployment):
         ),
     }
 
-    def run(self, model: Any, image_bgr, params: dict[str, Any]) -> list[Detection]:
+    def run(
+        self, model: Any, image_bgr, params: dict[str, Any], cancel: threading.Event
+    ) -> list[Detection]:
         raise NotImplementedError
+
+    def check_work(self, model: Any, width: int, height: int, params: dict[str, Any]) -> None:
+        """Refuse (422) parameters whose work on a width x height image is over budget."""
+
+    @staticmethod
+    def _model_params(p: dict[str, Any]) -> dict[str, Any]:
+        """The parameters the model takes: the test-only delay is not one of them."""
+        return {k: v for k, v in p.items() if k != "test_delay_s"}
 
     def describe(self) -> dict[str, Any]:
         specs = {**self.PARAMS, **self.RENDER_PARAMS}
@@ -50,6 +62,15 @@ class DetectorDeployment(ModelDeployment):
         # runs one image at a time; decoding and rendering still overlap across requests.
         self._model_lock = threading.Lock()
         super().__init__(*args, **kwargs)
+        # Instance-level, so that options (a configured default, the test delay) show in
+        # /v1/models and in answers.
+        self.PARAMS = self.request_params()
+        if self.options.test_delay_param:
+            self.PARAMS["test_delay_s"] = Param(
+                float, 0.0, 0.0, 600.0, "TESTS ONLY: seconds to hold the model")
+
+    def request_params(self) -> dict[str, Param]:
+        return dict(type(self).PARAMS)
 
     async def detect(
         self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
@@ -59,8 +80,15 @@ class DetectorDeployment(ModelDeployment):
         p = parse_params({**self.PARAMS, **self.RENDER_PARAMS}, params)
         model = self.ready_model()
         # The model runs in a worker thread so the replica's event loop keeps answering
-        # health checks and queueing the next request meanwhile.
-        return await asyncio.to_thread(self._detect, model, data, p, output, filename)
+        # health checks and queueing the next request meanwhile. A thread cannot be killed:
+        # when the caller gives up (the router's timeout cancels the call, which Serve turns
+        # into CancelledError here) the event tells the model to stop at its next check.
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self._detect, model, data, p, output, filename, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
 
     async def detect_batch(
         self, images: list[tuple[bytes, str | None]], params: dict[str, Any], output: str = "json"
@@ -74,14 +102,27 @@ class DetectorDeployment(ModelDeployment):
         return await asyncio.to_thread(detect_each, self._detect, model, images, p, output)
 
     def _detect(
-        self, model, data: bytes, p: dict[str, Any], output: str, filename: str | None
+        self, model, data: bytes, p: dict[str, Any], output: str, filename: str | None,
+        cancel: threading.Event,
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
+        model_params = self._model_params({k: p[k] for k in self.PARAMS})
+        info = sniff(data)  # the size from the header: the budget is checked before decoding
+        if info is not None and info.width and info.height:
+            check_pixels(info, self.max_pixels)  # too big at all (413) before too much work
+            self.check_work(model, info.width, info.height, model_params)
         image = decode_image(data, max_pixels=self.max_pixels)
         t1 = time.perf_counter()
-        model_params = {k: p[k] for k in self.PARAMS}
         with self._model_lock:
-            faces = self.run(model, image, model_params)
+            try:
+                if cancel.is_set():  # given up while waiting for the model
+                    raise Cancelled("cancelled before it ran")
+                if p.get("test_delay_s"):
+                    cancel.wait(p["test_delay_s"])
+                faces = self.run(model, image, model_params, cancel)
+            except Cancelled:
+                # Nobody waits for this answer any more; the router has already answered 504.
+                raise ServiceError(504, "cancelled", "the request was cancelled") from None
         t2 = time.perf_counter()
         result: dict[str, Any] = {
             "model": self.name,
@@ -150,13 +191,25 @@ class PigoDetector(DetectorDeployment):
         cascade.detect(np.zeros((64, 64), np.uint8), threads=self.threads)
         return cascade
 
-    def run(self, model, image_bgr, params):
-        from serve_app.models.pico import PicoParams, to_gray_pigo
+    def check_work(self, model, width, height, params):
+        from serve_app.models.pico import PicoParams
 
         if params["min_size"] > params["max_size"]:
             raise ServiceError(422, "bad_parameter", "min_size must not exceed max_size")
+        defaults = {k: p.default for k, p in self.PARAMS.items()}
+        tunable = ("min_size", "max_size", "shift_factor", "scale_factor")
+        o = self.options
+        check_work(lambda q: PicoParams(**q).windows(height, width), params, defaults, tunable,
+                   o.max_windows, width=width, height=height)
+        check_work(lambda q: len(PicoParams(**q).grid(height, width)), params, defaults,
+                   tunable, o.max_scales, width=width, height=height, unit="window sizes",
+                   option="max_scales")
+
+    def run(self, model, image_bgr, params, cancel):
+        from serve_app.models.pico import PicoParams, to_gray_pigo
+
         gray = to_gray_pigo(image_bgr, channel_order="bgr", variant=self.options.gray)
-        return model.detect(gray, PicoParams(**params), threads=self.threads)
+        return model.detect(gray, PicoParams(**params), threads=self.threads, cancel=cancel)
 
 
 def _haar_params(scale: float, neighbours: int) -> dict[str, Param]:
@@ -177,8 +230,16 @@ class _HaarBase(DetectorDeployment):
 
         return HaarDetector(Path(cv2.data.haarcascades) / self.options.cascade)
 
-    def run(self, model, image_bgr, params):
-        return model.detect(image_bgr, **params)
+    def check_work(self, model, width, height, params):
+        defaults = {k: p.default for k, p in self.PARAMS.items()}
+        check_work(
+            lambda q: model.windows(width, height, q["scale_factor"], q["min_size"]),
+            params, defaults, ("scale_factor", "min_size"), self.options.max_windows,
+            width=width, height=height,
+        )
+
+    def run(self, model, image_bgr, params, cancel):
+        return model.detect(image_bgr, **params, cancel=cancel)
 
 
 @serve.deployment
@@ -201,10 +262,8 @@ class CnnDetector(DetectorDeployment):
 
     PARAMS: ClassVar[dict[str, Param]] = {}
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # Instance-level so the configured default shows in /v1/models and in answers.
-        self.PARAMS = {
+    def request_params(self) -> dict[str, Param]:
+        return {
             "confidence": Param(
                 float, self.options.confidence, 0.05, 1.0, "minimum detection confidence"
             )
@@ -220,8 +279,8 @@ class CnnDetector(DetectorDeployment):
             min_inside=self.options.min_inside,
         )
 
-    def run(self, model, image_bgr, params):
-        return model.detect(image_bgr, confidence=params["confidence"])
+    def run(self, model, image_bgr, params, cancel):
+        return model.detect(image_bgr, confidence=params["confidence"], cancel=cancel)
 
 
 @serve.deployment
@@ -234,11 +293,9 @@ class YuNetDetector(DetectorDeployment):
         "landmarks": Param(bool, True, help="draw=box: mark eyes, nose tip and mouth corners"),
     }
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def request_params(self) -> dict[str, Param]:
         o = self.options
-        # Instance-level so the configured defaults show in /v1/models and in answers.
-        self.PARAMS = {
+        return {
             "score_threshold": Param(float, o.score_threshold, 0.05, 1.0, "minimum face score"),
             "nms_threshold": Param(
                 float, o.nms_threshold, 0.05, 0.95, "overlap above which two boxes are one face"
@@ -256,7 +313,7 @@ class YuNetDetector(DetectorDeployment):
 
         return YuNet(weights.find(self.options.weights, self.model_dir))
 
-    def run(self, model, image_bgr, params):
+    def run(self, model, image_bgr, params, cancel):
         from serve_app.models.yunet import PlanSettings, plan, work_pixels
 
         h, w = image_bgr.shape[:2]

@@ -240,16 +240,28 @@ def _timing(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
     }
 
 
-def _as_list(name: str, value: Any) -> list | None:
+# Characters of prompt JSON text (query string, form field) parsed at most: 64 boxes of four
+# long floats need ~6 kB, so this refuses only what would cost real parse time.
+MAX_PROMPT_TEXT = 64 * 1024
+
+
+def _as_list(name: str, value: Any, max_items: int) -> list | None:
+    """The prompt list, its length checked before any conversion (numpy or json)."""
     if value is None:
         return None
     if isinstance(value, str):  # query string / form field: JSON text
+        if len(value) > MAX_PROMPT_TEXT:
+            raise ServiceError(
+                422, "bad_prompt", f"{name} is over {MAX_PROMPT_TEXT} characters of JSON"
+            )
         try:
             value = json.loads(value)
         except (ValueError, RecursionError):  # incl. JSONDecodeError and over-long integers
             raise ServiceError(422, "bad_prompt", f"{name} must be a JSON list") from None
     if not isinstance(value, list):
         raise ServiceError(422, "bad_prompt", f"{name} must be a list")
+    if len(value) > max_items:
+        raise ServiceError(422, "bad_prompt", f"at most {max_items} {name} (max_prompts)")
     return value
 
 
@@ -266,9 +278,9 @@ def _numbers(name: str, rows: list, width: int) -> np.ndarray:
 def parse_prompts(points, labels, boxes, multimask, max_prompts: int) -> dict[str, Any]:
     """Validated prompts: points (N x 2) with labels (N,), boxes (M x 4), multimask flag."""
     points, labels, boxes = (
-        _as_list("points", points),
-        _as_list("labels", labels),
-        _as_list("boxes", boxes),
+        _as_list("points", points, max_prompts),
+        _as_list("labels", labels, max_prompts),
+        _as_list("boxes", boxes, max_prompts),
     )
     if not points and not boxes:
         raise ServiceError(422, "bad_prompt", "give `points` and/or `boxes`")

@@ -38,7 +38,7 @@ from serve_app.inputs.addresses import (
     resolve_and_check,
     show,
 )
-from serve_app.inputs.imageinfo import SNIFF_PREFIX_BYTES, sniff
+from serve_app.inputs.imageinfo import ACCEPTED, ACCEPTED_NAMES, SNIFF_PREFIX_BYTES, sniff
 from serve_app.metrics import observe_fetch
 
 _T = TypeVar("_T")
@@ -324,12 +324,14 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
 
 
 def _refuse_non_image(data: bytes, response: httpx.Response) -> None:
-    if sniff(data) is None:
+    # The same accepted types as the decoder (imageinfo.ACCEPTED): a GIF stops here too,
+    # after its first bytes, rather than after the whole download.
+    info = sniff(data)
+    if info is None or info.format not in ACCEPTED:
         ctype = response.headers.get("content-type", "no Content-Type")
+        what = f"a {info.format.upper()} image" if info else f"no image ({ctype})"
         raise ServiceError(
-            415,
-            "not_an_image",
-            f"the URL did not return a JPEG, PNG, WebP, BMP, GIF or TIFF image ({ctype})",
+            415, "not_an_image", f"the URL returned {what}; send {ACCEPTED_NAMES}"
         )
 
 

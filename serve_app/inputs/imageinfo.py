@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from serve_app.errors import ServiceError
 
 FORMATS = frozenset({"jpeg", "png", "webp", "bmp", "gif", "tiff"})
+# What the service decodes. GIF is recognised only to be refused by name (OpenCV's GIF reader
+# is new and its limits untested here), both before a URL's body is downloaded and at decode.
+ACCEPTED = frozenset({"jpeg", "png", "webp", "bmp", "tiff"})
+ACCEPTED_NAMES = "JPEG, PNG, WebP, BMP or TIFF"
 
 # Enough leading bytes for sniff() to tell whether something is one of FORMATS at all (the
 # longest signature is RIFF....WEBP); the dimensions may need more.
@@ -21,6 +25,7 @@ SNIFF_PREFIX_BYTES = 32
 
 # A JPEG may put many segments before its frame header; real files need a handful to a few
 # dozen. The cap keeps a hostile file of millions of tiny segments from costing seconds.
+# A file that needs more is refused (its size is unknown, see check_pixels), not passed on.
 _MAX_JPEG_SEGMENTS = 1024
 _MAX_TIFF_ENTRIES = 1024
 
@@ -69,14 +74,33 @@ def sniff(data: bytes | bytearray | memoryview) -> ImageInfo | None:
     return ImageInfo(fmt, width, height)
 
 
-def check_pixels(info: ImageInfo | None, max_pixels: int) -> None:
-    """Refuse an image whose announced canvas exceeds ``max_pixels``.
+def check_accepted(info: ImageInfo | None) -> ImageInfo:
+    """Refuse (415) bytes that are no image, or an image type the service does not decode."""
+    if info is None or info.format not in ACCEPTED:
+        kind = f"a {info.format.upper()} image" if info else "not an image"
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"{kind}; send {ACCEPTED_NAMES} bytes, or an image URL",
+        )
+    return info
 
-    Unknown dimensions pass: they come from files too malformed to parse, which the decoder
-    will reject, and the decoder keeps its own (larger) allocation limit as a second line.
+
+def check_pixels(info: ImageInfo | None, max_pixels: int) -> None:
+    """Refuse an image whose canvas exceeds ``max_pixels``, or whose size cannot be read.
+
+    Fails closed: an image whose header does not give its size (malformed, truncated, over
+    the segment/entry caps, a JPEG whose height comes later in a DNL marker) is refused with
+    422 rather than handed to a decoder whose own limits are far larger than ours.
     """
     if info is None or info.width is None or info.height is None:
-        return
+        fmt = info.format.upper() if info else "image"
+        raise ServiceError(
+            422,
+            "unknown_image_size",
+            f"the {fmt} header does not state a readable width and height; the service "
+            "only decodes images whose size it can check first",
+        )
     pixels = info.width * info.height
     if pixels > max_pixels:
         raise ServiceError(
@@ -194,29 +218,50 @@ def _jpeg(b: bytes | bytearray) -> _Dims:
     return _UNKNOWN
 
 
+# TIFF field types libtiff converts to an integer width/height: BYTE, SHORT, LONG, SBYTE,
+# SSHORT, SLONG, LONG8, SLONG8, IFD8 -> (struct code, size).
+_TIFF_INTS = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 6: ("b", 1), 8: ("h", 2), 9: ("i", 4),
+              16: ("Q", 8), 17: ("q", 8), 18: ("Q", 8)}
+
+
 def _tiff(b: bytes | bytearray) -> _Dims:
-    if b[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 64-bit offsets, not worth a parser here
-        return _UNKNOWN
-    end = "<" if b[:2] == b"II" else ">"
+    """ImageWidth/ImageLength of the first IFD, classic or BigTIFF, as libtiff reads them.
+
+    libtiff keeps the first of duplicated tags (and warns about the rest), so the first entry
+    of each tag counts; a type it would not read as an integer makes the size unknown.
+    """
     n = len(b)
-    if n < 8:
+    end = "<" if b[:2] == b"II" else ">"
+    big = b[2:4] in (b"+\x00", b"\x00+")
+    if big:
+        # BigTIFF: bytesize 8, reserved 0, 8-byte IFD offset; IFD = 8-byte count, 20-byte
+        # entries (tag, type, 8-byte count, 8-byte value field).
+        if n < 16 or struct.unpack_from(end + "HH", b, 4) != (8, 0):
+            return _UNKNOWN
+        ifd = struct.unpack_from(end + "Q", b, 8)[0]
+        head, entry, field, count_fmt = 8, 20, 8, "Q"
+    else:
+        if n < 8:
+            return _UNKNOWN
+        ifd = struct.unpack_from(end + "I", b, 4)[0]
+        head, entry, field, count_fmt = 2, 12, 4, "I"
+    if ifd + head > n:
         return _UNKNOWN
-    ifd = struct.unpack_from(end + "I", b, 4)[0]
-    if ifd + 2 > n:
-        return _UNKNOWN
-    count = struct.unpack_from(end + "H", b, ifd)[0]
-    dims: dict[int, int] = {}
+    count = struct.unpack_from(end + ("Q" if big else "H"), b, ifd)[0]
+    dims: dict[int, int | None] = {}
     for k in range(min(count, _MAX_TIFF_ENTRIES)):
-        p = ifd + 2 + 12 * k
-        if p + 12 > n:
+        p = ifd + head + entry * k
+        if p + entry > n:
             break
-        tag, typ, num = struct.unpack_from(end + "HHI", b, p)
-        if tag not in (256, 257) or num < 1:  # ImageWidth, ImageLength
+        tag, typ = struct.unpack_from(end + "HH", b, p)
+        if tag not in (256, 257) or tag in dims:  # ImageWidth, ImageLength; first one wins
             continue
-        if typ == 3:  # SHORT, left-justified in the 4-byte value field
-            dims[tag] = struct.unpack_from(end + "H", b, p + 8)[0]
-        elif typ == 4:  # LONG
-            dims[tag] = struct.unpack_from(end + "I", b, p + 8)[0]
+        num = struct.unpack_from(end + count_fmt, b, p + 4)[0]
+        code = _TIFF_INTS.get(typ)
+        if code is None or num != 1 or code[1] > field:
+            dims[tag] = None  # libtiff reads it some other way or not at all: unknown
+            continue
+        dims[tag] = struct.unpack_from(end + code[0], b, p + 4 + (8 if big else 4))[0]
     return dims.get(256), dims.get(257)
 
 

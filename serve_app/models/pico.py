@@ -13,6 +13,7 @@ is gone. tests/test_pico.py keeps a plain per-window loop as the reference for p
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import threading
@@ -24,7 +25,7 @@ from typing import Literal
 import numba
 import numpy as np
 
-from serve_app.models.types import Detection
+from serve_app.models.types import Cancelled, Detection
 
 # pigo's Detection struct: window centre, window side, score.
 DETECTION_DTYPE = np.dtype(
@@ -70,6 +71,23 @@ class PicoParams:
             s = int(s + max(2.0, s * self.scale_factor - s))
         return out
 
+    def grid(self, rows: int, cols: int) -> list[tuple[int, range, range]]:
+        """(window side, centre rows, centre cols) of every scale with at least one window:
+        the scan of ``run_cascade``, as ranges, so its size is known before any work."""
+        out = []
+        for scale in self.scales():
+            step = int(max(self.shift_factor * scale, 1.0))
+            offset = scale // 2 + 1
+            rr = range(offset, rows - offset + 1, step)
+            cc = range(offset, cols - offset + 1, step)
+            if len(rr) and len(cc):
+                out.append((scale, rr, cc))
+        return out
+
+    def windows(self, rows: int, cols: int) -> int:
+        """Windows the scan of a rows x cols image classifies (at least their first tree)."""
+        return sum(len(rr) * len(cc) for _, rr, cc in self.grid(rows, cols))
+
 
 STORE_PARAMS = PicoParams()
 README_PARAMS = PicoParams(max_size=1000, iou_threshold=0.2)
@@ -87,26 +105,66 @@ def to_gray_pigo(
     ``uint8(.299*R8 + .587*G8 + .114*B8)``. Both in float64, left to right, truncated, so the
     bytes equal Go's given the same decoded RGB. A grayscale input goes through the same formula
     with R = G = B, as Go's NRGBA conversion does (v1.1.0 then maps some levels to level - 1).
+
+    The formula is evaluated once per (R, G, B) into a 16 MiB uint8 table (float32 is not
+    exact: 113 of the 2^24 inputs of ``head`` differ); images are then looked up in bands of
+    rows, so a 50 MP image costs its uint8 output plus a few MiB, not 2 GiB of float64.
     """
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {image.dtype}")
     if channel_order not in ("bgr", "rgb"):
         raise ValueError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
-    if image.ndim == 2:
-        r = g = b = image
-    elif image.ndim == 3 and image.shape[2] == 3:
-        first, g, last = image[..., 0], image[..., 1], image[..., 2]
-        r, b = (last, first) if channel_order == "bgr" else (first, last)
-    else:
-        raise ValueError(f"expected an HxW or HxWx3 image, got shape {image.shape}")
-    r, g, b = (np.asarray(c, dtype=np.float64) for c in (r, g, b))
-    if variant == "head":
-        y = (0.299 * (r * 257.0) + 0.587 * (g * 257.0) + 0.114 * (b * 257.0)) / 256.0
-    elif variant == "v1_1_0":
-        y = 0.299 * r + 0.587 * g + 0.114 * b
-    else:
+    if variant not in ("head", "v1_1_0"):
         raise ValueError(f"variant must be 'head' or 'v1_1_0', got {variant!r}")
-    return y.astype(np.uint8)
+    if image.ndim == 2:
+        return _gray_levels(variant)[image]
+    if not (image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"expected an HxW or HxWx3 image, got shape {image.shape}")
+    lut = _gray_lut(variant).reshape(-1)
+    r_at, b_at = (2, 0) if channel_order == "bgr" else (0, 2)
+    rows, cols = image.shape[:2]
+    out = np.empty((rows, cols), np.uint8)
+    band = max(1, _GRAY_BAND // max(cols, 1))
+    index = np.empty((band, cols), np.uint32)
+    tmp = np.empty((band, cols), np.uint32)
+    for y0 in range(0, rows, band):
+        part = image[y0:y0 + band]
+        n = part.shape[0]
+        idx, t = index[:n], tmp[:n]
+        np.left_shift(part[..., r_at], 16, out=idx, dtype=np.uint32)
+        np.left_shift(part[..., 1], 8, out=t, dtype=np.uint32)
+        idx |= t
+        np.copyto(t, part[..., b_at])
+        idx |= t
+        np.take(lut, idx, out=out[y0:y0 + n])
+    return out
+
+
+_GRAY_BAND = 1 << 18  # pixels per band of to_gray_pigo: 1 MiB of uint32 indices
+
+
+def _gray_formula(r, g, b, variant: str):
+    """pigo's formulas in float64, in its order of operations (see to_gray_pigo)."""
+    if variant == "head":
+        return (0.299 * (r * 257.0) + 0.587 * (g * 257.0) + 0.114 * (b * 257.0)) / 256.0
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+@functools.cache
+def _gray_lut(variant: str) -> np.ndarray:
+    """lut[r, g, b] = the grayscale level of that colour, exactly as the float64 formula."""
+    lut = np.empty((256, 256, 256), np.uint8)
+    g = np.arange(256, dtype=np.float64)[:, None]
+    b = np.arange(256, dtype=np.float64)[None, :]
+    for r in range(256):
+        lut[r] = _gray_formula(np.float64(r), g, b, variant).astype(np.uint8)
+    return lut
+
+
+@functools.cache
+def _gray_levels(variant: str) -> np.ndarray:
+    v = np.arange(256, dtype=np.float64)
+    return _gray_formula(v, v, v, variant).astype(np.uint8)
 
 
 class PicoCascade:
@@ -175,29 +233,30 @@ class PicoCascade:
     # ------------------------------------------------------------------ scanning
 
     def run_cascade(
-        self, gray: np.ndarray, params: PicoParams = STORE_PARAMS, threads: int | None = None
+        self,
+        gray: np.ndarray,
+        params: PicoParams = STORE_PARAMS,
+        threads: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> np.ndarray:
         """pigo's ``RunCascade``: every window with q > 0, scale ascending, then row, then col.
 
         Returns a ``DETECTION_DTYPE`` array. ``threads`` (default: the CPU count, at most 2)
         splits independent rows of windows across threads (the kernel releases the GIL); it
-        does not change the result.
+        does not change the result. ``cancel``: when set, the scan stops at its next band of
+        windows (a few ms) and raises ``Cancelled``.
         """
         gray = _check_gray(gray)
         rows, cols = gray.shape
         scales, grids = [], []
-        for scale in params.scales():
-            step = int(max(params.shift_factor * scale, 1.0))
-            offset = scale // 2 + 1
-            rr = np.arange(offset, rows - offset + 1, step, dtype=np.intp)
-            cc = np.arange(offset, cols - offset + 1, step, dtype=np.intp)
-            if rr.size and cc.size:
-                scales.append(scale)
-                grids.append(_Grid(rr, cc))
+        for scale, rr, cc in params.grid(rows, cols):
+            scales.append(scale)
+            grids.append(_Grid(np.arange(rr.start, rr.stop, rr.step, dtype=np.intp),
+                               np.arange(cc.start, cc.stop, cc.step, dtype=np.intp)))
         if not scales:
             return np.empty(0, DETECTION_DTYPE)
         tables = self._tables(cols, tuple(scales))
-        return _scan(self, gray, tables, grids, _threads(threads))
+        return _scan(self, gray, tables, grids, _threads(threads), cancel)
 
     # ------------------------------------------------------------------ clustering
 
@@ -242,14 +301,18 @@ class PicoCascade:
         return np.array(clusters, dtype=DETECTION_DTYPE)
 
     def detect(
-        self, gray: np.ndarray, params: PicoParams = STORE_PARAMS, threads: int | None = None
+        self,
+        gray: np.ndarray,
+        params: PicoParams = STORE_PARAMS,
+        threads: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[Detection]:
         """Faces as the store function draws them: clusters with q > q_threshold.
 
         The box is the square window, top-left at (col - scale/2, row - scale/2) with Go's
         integer division; ``score`` is the cluster's q.
         """
-        raw = self.run_cascade(gray, params, threads)
+        raw = self.run_cascade(gray, params, threads, cancel)
         clusters = self.cluster(raw, params.iou_threshold)
         # Go compares the float32 q with the constant converted to float32.
         kept = clusters[clusters["q"] > np.float32(params.q_threshold)]
@@ -298,39 +361,50 @@ class _Tables:
 
 
 def _scan(
-    cascade: PicoCascade, gray: np.ndarray, tables: _Tables, grids: list[_Grid], workers: int
+    cascade: PicoCascade,
+    gray: np.ndarray,
+    tables: _Tables,
+    grids: list[_Grid],
+    workers: int,
+    cancel: threading.Event | None = None,
 ) -> np.ndarray:
-    """The whole scan with the compiled kernel: rows of windows, split across threads."""
+    """The whole scan with the compiled kernel: rows of windows, split across threads.
+
+    Each task scores its own band and keeps only the windows that pass, so memory stays a
+    band's worth however many windows the scan has (a score per window up front was 400 MiB
+    at the store parameters on 50 MP); tasks come back in scan order. A set ``cancel`` stops
+    the scan at the next task.
+    """
     c = cascade
     flat = gray.reshape(-1)
     cols = gray.shape[1]
-    scores = [np.zeros((g.rows.size, g.cols.size), np.float32) for g in grids]
     # Tasks of about equal work: the windows of a size, cut into row bands.
     tasks = []
     for k, g in enumerate(grids):
         band = max(1, _TASK_WINDOWS // g.cols.size)
         tasks += [(k, r0, min(g.rows.size, r0 + band)) for r0 in range(0, g.rows.size, band)]
 
-    def run(task: tuple[int, int, int]) -> None:
+    def run(task: tuple[int, int, int]) -> np.ndarray:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the scan was cancelled")
         k, r0, r1 = task
-        _scan_rows(flat, cols, grids[k].rows[r0:r1], grids[k].cols, tables.off1, tables.off2,
-                   k, c.preds, c.thresholds, c.depth, scores[k][r0:r1])
+        grid = grids[k]
+        q = np.zeros((r1 - r0, grid.cols.size), np.float32)
+        _scan_rows(flat, cols, grid.rows[r0:r1], grid.cols, tables.off1, tables.off2,
+                   k, c.preds, c.thresholds, c.depth, q)
+        r, col = np.nonzero(q > 0)  # row-major: pigo's scan order
+        dets = np.empty(r.size, DETECTION_DTYPE)
+        dets["row"], dets["col"] = grid.rows[r0:r1][r], grid.cols[col]
+        dets["scale"] = tables.scales[k]
+        dets["q"] = q[r, col]
+        return dets
 
     if workers > 1 and len(tasks) > 1:
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, tasks))
+            found = list(pool.map(run, tasks))
     else:
-        for task in tasks:
-            run(task)
-    found = []
-    for k, (grid, q) in enumerate(zip(grids, scores, strict=True)):
-        r, col = np.nonzero(q > 0)  # row-major: pigo's scan order
-        dets = np.empty(r.size, DETECTION_DTYPE)
-        dets["row"], dets["col"] = grid.rows[r], grid.cols[col]
-        dets["scale"] = tables.scales[k]
-        dets["q"] = q[r, col]
-        found.append(dets)
-    return np.concatenate(found)
+        found = [run(task) for task in tasks]
+    return np.concatenate(found) if found else np.empty(0, DETECTION_DTYPE)
 
 
 # pigo's classifyRegion over rows of windows, compiled on first use.

@@ -11,13 +11,14 @@ Two traps of this net, both measured on ../shared/data/images:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from serve_app.models.types import Detection
+from serve_app.models.types import Cancelled, Detection
 
 MEAN_BGR = (104.0, 177.0, 123.0)
 NMS_IOU = 0.4
@@ -41,15 +42,20 @@ class Res10Detector:
         self._net.setInput(blob)
         return self._net.forward()[0, 0]
 
-    def detect(self, image_bgr: np.ndarray, *, confidence: float = 0.85) -> list[Detection]:
+    def detect(
+        self,
+        image_bgr: np.ndarray,
+        *,
+        confidence: float = 0.85,
+        cancel: threading.Event | None = None,
+    ) -> list[Detection]:
         h, w = image_bgr.shape[:2]
-        faces = [
-            f
-            for size in self.blob_sizes
-            for f in boxes_from_rows(
-                self.forward(image_bgr, size), w, h, confidence, self.min_inside
-            )
-        ]
+        faces = []
+        for size in self.blob_sizes:
+            if cancel is not None and cancel.is_set():  # between forwards (~30-100 ms each)
+                raise Cancelled("cancelled between blobs")
+            rows = self.forward(image_bgr, size)
+            faces += boxes_from_rows(rows, w, h, confidence, self.min_inside)
         if len(self.blob_sizes) < 2 or len(faces) < 2:
             return faces
         keep = cv2.dnn.NMSBoxes(

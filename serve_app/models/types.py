@@ -30,3 +30,7 @@ class LandmarkDetection(Detection):
         out = asdict(self)
         out["landmarks"] = [[round(x, 1), round(y, 1)] for x, y in self.landmarks]
         return out
+
+
+class Cancelled(Exception):
+    """Model work stopped because its caller gave up (set by the caller's cancel event)."""
