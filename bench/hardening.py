@@ -6,8 +6,9 @@
    the store parameters and at the largest window count the budget admits, against the
    replica's `memory` budget from config/serve.yaml; the worst parameters are refused.
 2. Small requests' latency while JSON bodies are sent (the router parses them): p50 of a
-   small detect call idle vs while 50 MiB JSON bodies (refused at the cap) and while
-   cap-sized JSON bodies of many values are parsed, as ratios to idle.
+   small detect call idle (before and after) vs while one client keeps sending 50 MiB JSON
+   bodies (refused at the cap) or cap-sized JSON bodies of many values (parsed), as ratios
+   to the mean idle p50.
 
 Writes bench/results/hardening.json.
 """
@@ -148,13 +149,14 @@ def json_load(url: str, quick: bool) -> dict:
     out = {}
     with httpx.Client(base_url=url, timeout=60) as client:
         small_calls(client)  # warm up
+        # One sender, one body at a time: a big body always in flight, as in the issue's case.
         for name, body in (("idle", None), ("50 MiB JSON bodies", big_50mib),
-                           ("8 MiB JSON bodies of 65k values", cap_body)):
+                           ("8 MiB JSON bodies of 65k values", cap_body),
+                           ("idle again", None)):
             stop, statuses = threading.Event(), []
             threads = []
             if body is not None:
-                threads = [threading.Thread(target=background, args=(body, stop, statuses))
-                           for _ in range(2)]
+                threads = [threading.Thread(target=background, args=(body, stop, statuses))]
                 for t in threads:
                     t.start()
                 time.sleep(1.0)
@@ -167,7 +169,7 @@ def json_load(url: str, quick: bool) -> dict:
                          "big_bodies_sent": len(statuses),
                          "big_body_statuses": sorted(set(statuses))}
             print(f"  {name}: {out[name]}", flush=True)
-    idle = out["idle"]["p50_ms"]
+    idle = (out["idle"]["p50_ms"] + out["idle again"]["p50_ms"]) / 2
     for name in list(out):
         out[name]["p50_over_idle"] = round(out[name]["p50_ms"] / idle, 3)
     return out
