@@ -40,7 +40,7 @@ class PigoOptions(DetectorOptions):
     # store function was built with; differs by one level on some pixels).
     gray: Literal["head", "v1_1_0"] = "head"
     # Windows one request may scan (serve_app/deployments/budget.py): the store parameters on
-    # a 50 MP image are 103 M (~9 s on one 2-core laptop); min_size=4, shift_factor=0.01 are
+    # a 50 MP image are 103 M (4.1 s on one 2-core laptop); min_size=4, shift_factor=0.01 are
     # 5.7 G. Window sides scanned: each costs the scan a 0.5 MiB offset table.
     max_windows: int = Field(200_000_000, gt=0)
     max_scales: int = Field(128, gt=0)
