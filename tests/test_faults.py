@@ -208,7 +208,7 @@ def test_concurrent_calls_share_one_model_safely(model_dir, model):
 # Each overload request holds the cnn model this long (a test-only parameter the test config
 # enables), so the replica serves at most 1/SERVICE_S requests a second on any machine: the
 # queue is still full when the probes arrive, however fast the CPU.
-SERVICE_S = 0.5
+SERVICE_S = 1.0
 
 
 async def overload(
@@ -281,9 +281,10 @@ def describe(title: str, calls: list[Call]) -> str:
 def test_overload_sheds_fast_503s(service, http, sample, cnn_ready):
     """~3x what one cnn replica admits (8 ongoing + 32 queued): the rest get quick 503s.
 
-    Deterministic: every request holds the model SERVICE_S (it runs one at a time), so by
-    the time the probes come (3-3.75 s) at most 3.75 / SERVICE_S = 7 admitted requests
-    have finished and freed a place; at least 64 - 7 probes must be shed.
+    Deterministic: every request holds the model SERVICE_S (one at a time), so by the time
+    the last probe has its answer, t seconds after the load began, at most t / SERVICE_S
+    admitted requests have finished and freed a place for a probe: the rest are shed,
+    however fast the machine (t is measured; the probes are sent from 3 s to 3.75 s).
     """
     fill, probes = 64, 64
     before = running_replicas()
@@ -310,8 +311,12 @@ def test_overload_sheds_fast_503s(service, http, sample, cnn_ready):
     bare = [c for c in shed if not (c.retry_after and c.retry_after.isdigit() and c.json_error)]
     assert not bare, f"{len(bare)} 503s without JSON or Retry-After, e.g. {bare[0].error!r}"
     probe_shed = [c.seconds for c in probed if c.status == 503]
-    freed = int(3.75 / SERVICE_S)  # places freed before the last wave at the most
-    assert len(probe_shed) >= probes - freed, "a saturated service must shed new requests"
+    decided = max(c.start + c.seconds for c in probed if c.status == 503)
+    freed = int(decided / SERVICE_S) + 1  # places freed while the probes were decided
+    print(f"  probes decided by t={decided:.1f} s: at most {freed} places freed by then")
+    assert len(probe_shed) >= max(probes - freed, probes // 2), (
+        "a saturated service must shed new requests"
+    )
     # Fast means well under a second on a quiet machine (0.25 s measured at load 13); on a
     # shared 2-core box at load 20+ everything slows, so: or 5x faster than being served.
     served_p50 = percentile([c.seconds for c in calls if c.status == 200], 0.5)
