@@ -311,7 +311,7 @@ def test_overload_sheds_fast_503s(service, http, sample, cnn_ready):
     bare = [c for c in shed if not (c.retry_after and c.retry_after.isdigit() and c.json_error)]
     assert not bare, f"{len(bare)} 503s without JSON or Retry-After, e.g. {bare[0].error!r}"
     probe_shed = [c.seconds for c in probed if c.status == 503]
-    decided = max(c.start + c.seconds for c in probed if c.status == 503)
+    decided = max((c.start + c.seconds for c in probed if c.status == 503), default=0.0)
     # +2: the request running at t=0 and one probe arriving just after the last 503 left
     freed = int(decided / SERVICE_S) + 2
     print(f"  probes decided by t={decided:.1f} s: at most {freed} places freed by then")
