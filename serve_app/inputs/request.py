@@ -32,10 +32,11 @@ from serve_app.errors import ServiceError
 RESERVED_QUERY = {"format"}
 FILE_FIELDS = ("file", "image")
 MAX_URL_BODY = 4096
-# Commas, colons and brackets a JSON body may hold: a request carries an image (one string)
-# and a few parameters (SAM: at most max_prompts points or boxes); 65536 parse in ~20 ms.
+# Commas and colons a JSON body may hold: a request carries an image (one string) and a few
+# parameters (SAM: at most max_prompts points or boxes). Values without a separator can only
+# nest, which the parser stops at its recursion limit (a 400), so these bound the values.
 MAX_JSON_TOKENS = 65536
-_JSON_TOKENS = (b",", b":", b"[", b"{")
+_JSON_TOKENS = (b",", b":")
 
 Fetcher = Callable[[str], Awaitable[bytes]]
 
@@ -131,7 +132,7 @@ def check_json_tokens(body: bytes) -> None:
         raise ServiceError(
             413,
             "too_many_json_values",
-            f"the JSON body has {tokens} separators or brackets; the limit is {MAX_JSON_TOKENS}"
+            f"the JSON body has {tokens} commas and colons; the limit is {MAX_JSON_TOKENS}"
             " (send the image as bytes, multipart or base64, not as a list of numbers)",
         )
 
