@@ -167,7 +167,8 @@ def _png_header(width: int, height: int) -> bytes:
         ({"json": {"url": "http://localhost:9/x.jpg"}}, 400, "fetch_refused"),
         ({"json": {"url": "ftp://example.com/x.jpg"}}, 400, "bad_url"),
         ({"content": _png_header(60000, 60000) + b"\0" * 64}, 413, "too_many_pixels"),
-        ({"content": b"\xff\xd8\xff\xe0" + b"\0" * 100}, 422, "bad_image"),
+        # A JPEG without a frame header: its size is unknown, refused before decoding.
+        ({"content": b"\xff\xd8\xff\xe0" + b"\0" * 100}, 422, "unknown_image_size"),
         ({"files": {"other": ("a.txt", b"hi", "text/plain")}}, 400, "no_file"),
         ({"content": b"x" * (8 * 2**20 + 1)}, 413, "too_large"),
     ],
