@@ -103,8 +103,10 @@ class DetectorDeployment(ModelDeployment):
 
     def _detect(
         self, model, data: bytes, p: dict[str, Any], output: str, filename: str | None,
-        cancel: threading.Event,
+        cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
+        # In-process callers (benchmarks) have nobody to cancel them.
+        cancel = cancel or threading.Event()
         t0 = time.perf_counter()
         model_params = self._model_params({k: p[k] for k in self.PARAMS})
         info = sniff(data)  # the size from the header: the budget is checked before decoding
