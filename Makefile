@@ -36,7 +36,8 @@ test-tools:
 	  else echo "no apt-get:$$missing missing; the tests that need them will skip"; fi; \
 	fi
 
-test: setup test-tools
+# CI runs this (.ci/run): lint first, so an unformatted file fails in seconds, then every test.
+test: setup test-tools lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Unit tests only: nothing that starts Ray (the `service` marker) or runs long.

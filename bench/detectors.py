@@ -43,9 +43,16 @@ DATA = Path(os.environ.get("VISIONSERVE_SHARED_DATA") or ROOT.parent / "shared" 
 DETECTORS = tuple(names_of("detector"))
 SAM = tuple(names_of("segmenter"))
 PIGO = "face-detect-pigo"
-SHARED_IMAGES = ("pigo_sample.jpg", "skimage_astronaut.png", "skimage_camera.png",
-                 "skimage_chelsea.png", "skimage_coffee.png", "dog.jpg", "groceries.jpg",
-                 "truck.jpg")
+SHARED_IMAGES = (
+    "pigo_sample.jpg",
+    "skimage_astronaut.png",
+    "skimage_camera.png",
+    "skimage_chelsea.png",
+    "skimage_coffee.png",
+    "dog.jpg",
+    "groceries.jpg",
+    "truck.jpg",
+)
 BATCH_SIZES = (1, 4, 16)
 INGRESS_ENV = {
     "default": {},
@@ -174,10 +181,14 @@ def start_service(model_dir: Path, threads: int, detectors: tuple[str, ...]) -> 
     )
     validate_config(cfg)
     # The thin app rides in the same Ray and proxy as a second application.
-    cfg["applications"].append({
-        "name": "thin", "route_prefix": "/thin", "import_path": "bench.bulk_apps:build_thin",
-        "args": {"model_dir": str(model_dir)},
-    })
+    cfg["applications"].append(
+        {
+            "name": "thin",
+            "route_prefix": "/thin",
+            "import_path": "bench.bulk_apps:build_thin",
+            "args": {"model_dir": str(model_dir)},
+        }
+    )
     schema = ServeDeploySchema.model_validate(cfg)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
@@ -223,7 +234,10 @@ def per_image_stats(
 
 
 def run_side(
-    send: Callable[[int, list[bytes]], None], images: list[bytes], count: int, batch: int,
+    send: Callable[[int, list[bytes]], None],
+    images: list[bytes],
+    count: int,
+    batch: int,
     clients: int,
 ) -> tuple[list[float], float]:
     """`count` images as requests of `batch` from `clients` threads: latencies, wall time."""
@@ -246,12 +260,30 @@ def start_plain(model_dir: Path) -> tuple[subprocess.Popen, str]:
     from serve_app.launch import free_port
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VS_BENCH_MODEL_DIR": str(model_dir),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "VS_BENCH_MODEL_DIR": str(model_dir),
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench.bulk_apps:plain_app", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "2", "--log-level", "warning", "--no-access-log"],
-        cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.bulk_apps:plain_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=ROOT,
+        env=env,
     )
     return proc, f"http://127.0.0.1:{port}"
 
@@ -290,8 +322,9 @@ def bulk_suite(urls: dict[str, str], model_dir: Path, args: argparse.Namespace) 
 
     from bench.bulk_apps import Worker
 
-    images = [(DATA / "images" / n).read_bytes() for n in SHARED_IMAGES
-              if (DATA / "images" / n).exists()]
+    images = [
+        (DATA / "images" / n).read_bytes() for n in SHARED_IMAGES if (DATA / "images" / n).exists()
+    ]
     clients = args.concurrency
     plain, plain_url = start_plain(model_dir)
     try:
@@ -305,8 +338,9 @@ def bulk_suite(urls: dict[str, str], model_dir: Path, args: argparse.Namespace) 
             r.raise_for_status()
 
         def batch_post(c: int, batch: list[bytes]) -> None:
-            files = [("file", (f"{i}.jpg", d, "application/octet-stream"))
-                     for i, d in enumerate(batch)]
+            files = [
+                ("file", (f"{i}.jpg", d, "application/octet-stream")) for i, d in enumerate(batch)
+            ]
             r = conns[c].post(f"{vs}/v1/detect/{PIGO}/batch", files=files)
             r.raise_for_status()
             body = r.json()
@@ -315,7 +349,9 @@ def bulk_suite(urls: dict[str, str], model_dir: Path, args: argparse.Namespace) 
         sides: dict[str, tuple[Callable[[int, list[bytes]], None], int]] = {
             "in_process": (lambda c, b: [workers[c](d) for d in b], 1),
             "plain_uvicorn_2_workers": (
-                lambda c, b: post(c, f"{plain_url}/detect", b[0], plain_conns), 1),
+                lambda c, b: post(c, f"{plain_url}/detect", b[0], plain_conns),
+                1,
+            ),
             "thin_serve": (lambda c, b: post(c, thin, b[0]), 1),
             "thin_serve_serve_batch": (lambda c, b: post(c, f"{thin}/batched", b[0]), 1),
             "visionserve_single": (lambda c, b: post(c, f"{vs}/v1/detect/{PIGO}", b[0]), 1),
@@ -347,33 +383,45 @@ def bulk_suite(urls: dict[str, str], model_dir: Path, args: argparse.Namespace) 
         "batch16_over_in_process": rows["visionserve_batch_16"]["vs_in_process"],
         "batch16_over_plain_uvicorn": round(
             rows["visionserve_batch_16"]["images_per_s"]
-            / rows["plain_uvicorn_2_workers"]["images_per_s"], 3),
+            / rows["plain_uvicorn_2_workers"]["images_per_s"],
+            3,
+        ),
         "single_p50_over_thin_serve_p50": round(
-            rows["visionserve_single"]["p50_ms_per_image"]
-            / rows["thin_serve"]["p50_ms_per_image"], 3),
+            rows["visionserve_single"]["p50_ms_per_image"] / rows["thin_serve"]["p50_ms_per_image"],
+            3,
+        ),
         "single_throughput_thin_over_visionserve": round(
-            rows["thin_serve"]["images_per_s"] / rows["visionserve_single"]["images_per_s"], 3),
+            rows["thin_serve"]["images_per_s"] / rows["visionserve_single"]["images_per_s"], 3
+        ),
     }
     return rows
 
 
 def print_bulk(rows: dict[str, Any]) -> None:
-    print(f"  {'side':28} {'images/s':>9} {'x in-proc':>9} {'p50 ms/img':>11} "
-          f"{'p95 ms/img':>11} {'req p50 ms':>11}")
+    print(
+        f"  {'side':28} {'images/s':>9} {'x in-proc':>9} {'p50 ms/img':>11} "
+        f"{'p95 ms/img':>11} {'req p50 ms':>11}"
+    )
     for name, r in rows.items():
         if name == "targets":
             continue
-        print(f"  {name:28} {r['images_per_s']:>9} {r['vs_in_process']:>9} "
-              f"{r['p50_ms_per_image']:>11} {r['p95_ms_per_image']:>11} "
-              f"{r.get('request_p50_ms', r['p50_ms_per_image']):>11}")
+        print(
+            f"  {name:28} {r['images_per_s']:>9} {r['vs_in_process']:>9} "
+            f"{r['p50_ms_per_image']:>11} {r['p95_ms_per_image']:>11} "
+            f"{r.get('request_p50_ms', r['p50_ms_per_image']):>11}"
+        )
     print(f"  targets: {rows['targets']}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=["all", "bulk", "detectors"], default="all")
-    ap.add_argument("--ingress", choices=list(INGRESS_ENV), default="default",
-                    help="Ray Serve ingress path (experimental switches of Ray 2.58)")
+    ap.add_argument(
+        "--ingress",
+        choices=list(INGRESS_ENV),
+        default="default",
+        help="Ray Serve ingress path (experimental switches of Ray 2.58)",
+    )
     ap.add_argument("--image", type=Path, default=DATA / "images" / "pigo_sample.jpg")
     ap.add_argument("--calls", type=int, default=60)
     ap.add_argument("--bulk-images", type=int, default=128, help="images per side per round")
@@ -404,8 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     weights.fetch(["facefinder"], model_dir=model_dir, from_dir=DATA / "pico", progress=False)
 
     detectors = DETECTORS if args.suite != "bulk" else (PIGO,)
-    print(f"[1/3] starting Ray + Serve (ingress: {args.ingress}; router + detectors, pigo "
-          "with 2 replicas; the thin app)", flush=True)
+    print(
+        f"[1/3] starting Ray + Serve (ingress: {args.ingress}; router + detectors, pigo "
+        "with 2 replicas; the thin app)",
+        flush=True,
+    )
     urls = start_service(model_dir, args.threads, detectors)
     import httpx
 
@@ -418,9 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         "urls": urls,
     }
     if args.suite != "detectors":
-        print(f"[2/3] bulk table: {PIGO} on {len(SHARED_IMAGES)} shared images, "
-              f"{args.bulk_images} images per side per round, {args.rounds} alternating rounds, "
-              f"{args.concurrency} clients", flush=True)
+        print(
+            f"[2/3] bulk table: {PIGO} on {len(SHARED_IMAGES)} shared images, "
+            f"{args.bulk_images} images per side per round, {args.rounds} alternating rounds, "
+            f"{args.concurrency} clients",
+            flush=True,
+        )
         report["bulk"] = bulk_suite(urls, model_dir, args)
         print_bulk(report["bulk"])
     if args.suite != "bulk":

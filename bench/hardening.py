@@ -69,14 +69,26 @@ def pico_50mp(model_dir: Path, quick: bool) -> dict:
     if not quick:
         cases[f"largest admitted (min_size={largest})"] = {"min_size": largest}
     cases["worst (min_size=4, shift 0.01, scale 1.01)"] = {
-        "min_size": 4, "shift_factor": 0.01, "scale_factor": 1.01, "max_size": 20000}
+        "min_size": 4,
+        "shift_factor": 0.01,
+        "scale_factor": 1.01,
+        "max_size": 20000,
+    }
     out = {"memory_budget_mib": budget // 2**20, "cases": {}}
     for name, params in cases.items():
         print(f"  pico 50 MP, {name} ...", flush=True)
         run = subprocess.run(
-            [sys.executable, "-c", PICO_SCRIPT, str(model_dir),
-             str(SHARED / "images" / "truck.jpg"), json.dumps(params)],
-            capture_output=True, cwd=ROOT, timeout=900,
+            [
+                sys.executable,
+                "-c",
+                PICO_SCRIPT,
+                str(model_dir),
+                str(SHARED / "images" / "truck.jpg"),
+                json.dumps(params),
+            ],
+            capture_output=True,
+            cwd=ROOT,
+            timeout=900,
         )
         lines = run.stdout.decode().strip().splitlines()
         result = json.loads(lines[-1]) if lines else {"failed": run.stderr.decode()[-500:]}
@@ -93,17 +105,30 @@ def start_service(model_dir: Path) -> str:
     from serve_app.config import load_config
     from serve_app.launch import deploy_config, free_port, with_overrides
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="vs-bench-"), namespace="serve",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "VISIONSERVE_API_KEY": ""}})
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=tempfile.mkdtemp(prefix="vs-bench-"),
+        namespace="serve",
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "VISIONSERVE_API_KEY": ""}},
+    )
     port = free_port()
-    one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-           "ray_actor_options": {"num_cpus": 0.1, "memory": 512 * 2**20}}
+    one = {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+        "ray_actor_options": {"num_cpus": 0.1, "memory": 512 * 2**20},
+    }
     sam = ("sam-segmentation-light", "sam-segmentation", "sam-vit-h", "sam-mobile")
     cfg = with_overrides(
-        load_config(), port=port, args={"model_dir": str(model_dir)},
-        models={**{n: None for n in sam}, "face-detect-pigo": None,
-                "basic-face-detection": None, "cnn-face-detection": None},
+        load_config(),
+        port=port,
+        args={"model_dir": str(model_dir)},
+        models={
+            **{n: None for n in sam},
+            "face-detect-pigo": None,
+            "basic-face-detection": None,
+            "cnn-face-detection": None,
+        },
         deployments={n: one for n in ("router", "jobs", "face-detect-opencv")},
     )
     deploy_config(cfg)
@@ -127,8 +152,9 @@ def json_load(url: str, quick: bool) -> dict:
     # string to the JSON byte cap: the most parsing one admitted body costs.
     values = b"[" + b",".join([b"1"] * (MAX_JSON_TOKENS - 8)) + b"]"
     pad = 8 * 2**20 - len(values) - 64
-    cap_body = (b'{"url": "http://127.0.0.2:9/x.jpg", "x": ' + values + b', "p": "'
-                + b"A" * pad + b'"}')
+    cap_body = (
+        b'{"url": "http://127.0.0.2:9/x.jpg", "x": ' + values + b', "p": "' + b"A" * pad + b'"}'
+    )
 
     def small_calls(client: httpx.Client) -> list[float]:
         lat = []
@@ -142,17 +168,23 @@ def json_load(url: str, quick: bool) -> dict:
     def background(body: bytes, stop: threading.Event, statuses: list[int]) -> None:
         with httpx.Client(base_url=url, timeout=120) as c:
             while not stop.is_set():
-                r = c.post("/v1/detect/face-detect-opencv", content=body,
-                           headers={"content-type": "application/json"})
+                r = c.post(
+                    "/v1/detect/face-detect-opencv",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                )
                 statuses.append(r.status_code)
 
     out = {}
     with httpx.Client(base_url=url, timeout=60) as client:
         small_calls(client)  # warm up
         # One sender, one body at a time: a big body always in flight, as in the issue's case.
-        for name, body in (("idle", None), ("50 MiB JSON bodies", big_50mib),
-                           ("8 MiB JSON bodies of 65k values", cap_body),
-                           ("idle again", None)):
+        for name, body in (
+            ("idle", None),
+            ("50 MiB JSON bodies", big_50mib),
+            ("8 MiB JSON bodies of 65k values", cap_body),
+            ("idle again", None),
+        ):
             stop, statuses = threading.Event(), []
             threads = []
             if body is not None:
@@ -164,10 +196,12 @@ def json_load(url: str, quick: bool) -> dict:
             stop.set()
             for t in threads:
                 t.join(timeout=120)
-            out[name] = {"p50_ms": round(statistics.median(lat) * 1e3, 1),
-                         "p95_ms": round(sorted(lat)[int(0.95 * len(lat))] * 1e3, 1),
-                         "big_bodies_sent": len(statuses),
-                         "big_body_statuses": sorted(set(statuses))}
+            out[name] = {
+                "p50_ms": round(statistics.median(lat) * 1e3, 1),
+                "p95_ms": round(sorted(lat)[int(0.95 * len(lat))] * 1e3, 1),
+                "big_bodies_sent": len(statuses),
+                "big_body_statuses": sorted(set(statuses)),
+            }
             print(f"  {name}: {out[name]}", flush=True)
     idle = (out["idle"]["p50_ms"] + out["idle again"]["p50_ms"]) / 2
     for name in list(out):
@@ -183,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve_app.models import weights
 
     model_dir = Path(tempfile.mkdtemp(prefix="vs-bench-models-"))
-    weights.fetch(["facefinder"], model_dir=model_dir, from_dir=SHARED / "pico",
-                  progress=False)
+    weights.fetch(["facefinder"], model_dir=model_dir, from_dir=SHARED / "pico", progress=False)
     results = {"pico_50mp": pico_50mp(model_dir, args.quick)}
     url = start_service(model_dir)
     try:

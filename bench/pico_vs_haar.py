@@ -41,8 +41,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image", type=Path, default=DATA / "images" / "truck.jpg")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="Pico threads (default: its own default); Haar keeps cv2's")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Pico threads (default: its own default); Haar keeps cv2's",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pico_vs_haar.json")
     args = ap.parse_args()
 

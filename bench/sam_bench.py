@@ -531,9 +531,7 @@ def main() -> None:
         embed(mobile, image, dtype=bf16)  # warm-up
         kinds = [("float32", True, torch.float32), ("bfloat16", True, bf16)]
         menc = encoder_times(mobile, image, kinds, reps)
-        menc["bfloat16_speedup"] = round(
-            menc["float32"]["wall_s"] / menc["bfloat16"]["wall_s"], 2
-        )
+        menc["bfloat16_speedup"] = round(menc["float32"]["wall_s"] / menc["bfloat16"]["wall_s"], 2)
         menc["embedding_bfloat16_vs_float32"] = compare.embedding_error(mobile, image)
         mpr = prompted(mobile, image, reps)
         mpr["masks_bfloat16_vs_float32"] = compare.prompted_ious(mobile, image, side=4)

@@ -106,7 +106,9 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             },
             "available_node_types": {
                 "ray.head.default": {
-                    "resources": head_resources, "node_config": {}, "max_workers": 0,
+                    "resources": head_resources,
+                    "node_config": {},
+                    "max_workers": 0,
                 },
                 **worker_node_types,
             },
@@ -131,11 +133,20 @@ class LocalAutoscalingCluster(AutoscalingCluster):
     def start(self, _system_config: dict | None = None, override_env: dict | None = None) -> None:
         config_file = self.temp_dir / "autoscaling.json"
         config_file.write_text(json.dumps(self._config))
-        ports = {name: free_port() for name in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-            "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
+        ports = {
+            name: free_port()
+            for name in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+                "ray-client-server-port",
+            )
+        }
         cmd = [
-            str(RAY), "start", "--head",
+            str(RAY),
+            "start",
+            "--head",
             f"--node-ip-address={self.node_ip}",
             f"--port={self.gcs_port}",
             f"--temp-dir={self.temp_dir}",
@@ -145,7 +156,8 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             "--include-dashboard=false",
             "--disable-usage-stats",
             "--include-log-monitor=false",  # one process less; logs stay in the temp dir
-            "--min-worker-port=0", "--max-worker-port=0",  # any free port, not 10002-19999
+            "--min-worker-port=0",
+            "--max-worker-port=0",  # any free port, not 10002-19999
             *(f"--{name}={port}" for name, port in ports.items()),
         ]
         env = {
@@ -314,7 +326,12 @@ def placement() -> dict[str, dict[str, float]]:
 
 
 def run(
-    temp_dir: Path, sim_id: str, *, clients: int, load_s: float, drain_s: float,
+    temp_dir: Path,
+    sim_id: str,
+    *,
+    clients: int,
+    load_s: float,
+    drain_s: float,
     startup_s: float,
 ) -> dict[str, Any]:
     """The whole simulation. Each phase is bounded: starting the cluster and the app
@@ -334,17 +351,21 @@ def run(
     try:
         cluster.start()
         marks["head_up"] = round(time.monotonic() - t0, 1)
-        ray.init(address=cluster.gcs_address, namespace="serve", log_to_driver=False,
-                 logging_level="WARNING")
+        ray.init(
+            address=cluster.gcs_address,
+            namespace="serve",
+            log_to_driver=False,
+            logging_level="WARNING",
+        )
         port = free_port()
         model_dir = temp_dir / "models"
         model_dir.mkdir()
         serve_cfg = sim_serve_config(port, model_dir, cluster_cfg)
-        max_replicas = next(d for d in serve_cfg["applications"][0]["deployments"]
-                            if d["name"] == LOADED)["autoscaling_config"]["max_replicas"]
+        max_replicas = next(
+            d for d in serve_cfg["applications"][0]["deployments"] if d["name"] == LOADED
+        )["autoscaling_config"]["max_replicas"]
         marks["max_replicas"] = max_replicas
-        deploy_config(serve_cfg,
-                      timeout_s=max(10.0, t0 + startup_s - time.monotonic()))
+        deploy_config(serve_cfg, timeout_s=max(10.0, t0 + startup_s - time.monotonic()))
         marks["app_running"] = round(time.monotonic() - t0, 1)
 
         def record(phase: str) -> dict[str, Any]:
@@ -359,8 +380,12 @@ def run(
 
         baseline = record("idle")
         marks["placement"] = placement()
-        load = Load(f"http://127.0.0.1:{port}/v1/detect/{LOADED}", test_image(),
-                    clients=clients, max_requests=20_000)
+        load = Load(
+            f"http://127.0.0.1:{port}/v1/detect/{LOADED}",
+            test_image(),
+            clients=clients,
+            max_requests=20_000,
+        )
         marks["load_start"] = round(time.monotonic() - t0, 1)
         load.start()
         end = time.monotonic() + load_s
@@ -368,8 +393,9 @@ def run(
         while time.monotonic() < end:
             time.sleep(1)
             row = record("load")
-            scaled = (row["worker_nodes"] > baseline["worker_nodes"]
-                      and row["replicas"] >= max_replicas)
+            scaled = (
+                row["worker_nodes"] > baseline["worker_nodes"] and row["replicas"] >= max_replicas
+            )
             held = held + 1 if scaled else 0
             if held >= 5:  # scaled out and serving there for 5 s: enough seen
                 break
@@ -379,8 +405,10 @@ def run(
         while time.monotonic() < end:
             time.sleep(1)
             row = record("drain")
-            if (row["replicas"] <= baseline["replicas"]
-                    and row["worker_nodes"] <= baseline["worker_nodes"]):
+            if (
+                row["replicas"] <= baseline["replicas"]
+                and row["worker_nodes"] <= baseline["worker_nodes"]
+            ):
                 break
         marks["end"] = round(time.monotonic() - t0, 1)
         marks["load_avg_end"] = round(os.getloadavg()[0], 1)
@@ -394,13 +422,17 @@ def run(
 
 
 def _report(
-    timeline: list[dict[str, Any]], marks: dict[str, float], load: Load,
-    types: dict[str, Any], baseline: dict[str, Any],
+    timeline: list[dict[str, Any]],
+    marks: dict[str, float],
+    load: Load,
+    types: dict[str, Any],
+    baseline: dict[str, Any],
 ) -> dict[str, Any]:
     loaded = [r for r in timeline if r["phase"] == "load"]
     drained = [r for r in timeline if r["phase"] == "drain"]
-    first_added = next((r["t"] for r in loaded + drained
-                        if r["worker_nodes"] > baseline["worker_nodes"]), None)
+    first_added = next(
+        (r["t"] for r in loaded + drained if r["worker_nodes"] > baseline["worker_nodes"]), None
+    )
     last = timeline[-1]
     return {
         "deployment": LOADED,
@@ -408,8 +440,10 @@ def _report(
         "sim_autoscaling": SIM_AUTOSCALING,
         "sim_env": SIM_ENV,
         "node_idle_timeout_s": NODE_IDLE_TIMEOUT_S,
-        "node_types": {k: {"resources": v["resources"], "min": v["min_workers"],
-                           "max": v["max_workers"]} for k, v in types.items()},
+        "node_types": {
+            k: {"resources": v["resources"], "min": v["min_workers"], "max": v["max_workers"]}
+            for k, v in types.items()
+        },
         "marks": marks,
         "summary": {
             "baseline_replicas": baseline["replicas"],
@@ -429,14 +463,24 @@ def _report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kuberay.autoscaling_sim")
-    parser.add_argument("--temp-dir", type=Path,
-                        help="an empty directory of its own (default: a new one, removed after)")
+    parser.add_argument(
+        "--temp-dir",
+        type=Path,
+        help="an empty directory of its own (default: a new one, removed after)",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON report here too")
-    parser.add_argument("--sim-id", help="marker for its processes (kuberay/procs.py), so a "
-                        "caller can clean up after a crash; default: random")
+    parser.add_argument(
+        "--sim-id",
+        help="marker for its processes (kuberay/procs.py), so a "
+        "caller can clean up after a crash; default: random",
+    )
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--startup-s", type=float, default=150,
-                        help="at most this long to start the cluster and deploy the app")
+    parser.add_argument(
+        "--startup-s",
+        type=float,
+        default=150,
+        help="at most this long to start the cluster and deploy the app",
+    )
     parser.add_argument("--load-s", type=float, default=45, help="at most this long")
     parser.add_argument("--drain-s", type=float, default=60, help="at most this long")
     args = parser.parse_args(argv)
@@ -444,9 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM (e.g. a test timeout) must still run the cleanup in run()'s finally.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     temp_dir = args.temp_dir or Path(tempfile.mkdtemp(prefix="vs-sim-"))
-    report = run(temp_dir.resolve(), args.sim_id or os.urandom(8).hex(),
-                 clients=args.clients, load_s=args.load_s, drain_s=args.drain_s,
-                 startup_s=args.startup_s)
+    report = run(
+        temp_dir.resolve(),
+        args.sim_id or os.urandom(8).hex(),
+        clients=args.clients,
+        load_s=args.load_s,
+        drain_s=args.drain_s,
+        startup_s=args.startup_s,
+    )
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text)

@@ -37,15 +37,24 @@ def reproduce() -> dict[str, Any]:
         SpreadDeploymentSchedulingPolicy,
     )
 
-    sched = DefaultDeploymentScheduler(_Nodes(), head_node_id="head",
-                                       create_placement_group_fn=None)
-    ids = {name: DeploymentID(name=name, app_name="visionserve")
-           for name in ("router", "jobs", "detector")}
+    sched = DefaultDeploymentScheduler(
+        _Nodes(), head_node_id="head", create_placement_group_fn=None
+    )
+    ids = {
+        name: DeploymentID(name=name, app_name="visionserve")
+        for name in ("router", "jobs", "detector")
+    }
     for dep in ids.values():
         sched.on_deployment_created(dep, SpreadDeploymentSchedulingPolicy())
-    placement = [("router", "router-1", "A"), ("router", "router-2", "B"), ("jobs", "jobs", "B"),
-                 ("detector", "detector-1", "A"), ("detector", "detector-2", "C"),
-                 ("detector", "detector-3", "C"), ("detector", "detector-4", "D")]
+    placement = [
+        ("router", "router-1", "A"),
+        ("router", "router-2", "B"),
+        ("jobs", "jobs", "B"),
+        ("detector", "detector-1", "A"),
+        ("detector", "detector-2", "C"),
+        ("detector", "detector-3", "C"),
+        ("detector", "detector-4", "D"),
+    ]
     where = {}
     for dep, replica, node in placement:
         rid = ReplicaID(unique_id=replica, deployment_id=ids[dep])
@@ -55,8 +64,12 @@ def reproduce() -> dict[str, Any]:
     names = sorted(r.unique_id for r in stopped)
     kept = [r for d, r, _ in placement if d == "detector" and r not in names]
     busy = {node for (d, r, node) in placement if r not in names}
-    return {"stopped": names, "kept": kept, "kept_on": [where[r] for r in kept],
-            "nodes_still_busy": sorted(busy)}
+    return {
+        "stopped": names,
+        "kept": kept,
+        "kept_on": [where[r] for r in kept],
+        "nodes_still_busy": sorted(busy),
+    }
 
 
 if __name__ == "__main__":

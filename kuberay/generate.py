@@ -225,8 +225,13 @@ def _ha(cluster: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve_config_text(cfg: dict[str, Any], profile: str) -> str:
-    note = "" if profile == "cluster" else (
-        "\n# minikube profile: max_replicas capped to what the node holds (kuberay/profile.py).")
+    note = (
+        ""
+        if profile == "cluster"
+        else (
+            "\n# minikube profile: max_replicas capped to what the node holds (kuberay/profile.py)."
+        )
+    )
     body = yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, width=100)
     return SERVE_HEADER.format(profile=note) + body
 
@@ -249,7 +254,10 @@ def profile_configs(
 
 
 def build_manifest(
-    serve_cfg: dict[str, Any], cluster: dict[str, Any], *, profile: str = "cluster",
+    serve_cfg: dict[str, Any],
+    cluster: dict[str, Any],
+    *,
+    profile: str = "cluster",
     tag: str | None = None,
 ) -> dict[str, Any]:
     """The RayService as a dict. Validates the serve config and the sizing first."""
@@ -284,7 +292,10 @@ def build_manifest(
 
 
 def build_job(
-    serve_cfg: dict[str, Any], cluster: dict[str, Any], *, tag: str | None = None,
+    serve_cfg: dict[str, Any],
+    cluster: dict[str, Any],
+    *,
+    tag: str | None = None,
     offline_from: str | None = None,
 ) -> list[dict[str, Any]]:
     """The PersistentVolumeClaim for the weights and the non-root Job that fills it with
@@ -293,10 +304,18 @@ def build_job(
     models = cluster["models"]
     pvc = models["pvc"]
     labels = {"app.kubernetes.io/name": "visionserve", "app.kubernetes.io/component": "models"}
-    command = ["python", "-m", "serve_app.models", "fetch", "--no-progress",
-               "--model-dir", models["mountPath"]]
+    command = [
+        "python",
+        "-m",
+        "serve_app.models",
+        "fetch",
+        "--no-progress",
+        "--model-dir",
+        models["mountPath"],
+    ]
     volumes: list[dict[str, Any]] = [
-        {"name": "models", "persistentVolumeClaim": {"claimName": pvc["name"]}}]
+        {"name": "models", "persistentVolumeClaim": {"claimName": pvc["name"]}}
+    ]
     mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": models["mountPath"]}]
     if offline_from:
         command += ["--from", "/preload"]
@@ -317,7 +336,7 @@ def build_job(
         "kind": "Job",
         "metadata": {"name": JOB_NAME, "labels": labels},
         "spec": {
-            "backoffLimit": 4,             # a download resumes where the last try stopped
+            "backoffLimit": 4,  # a download resumes where the last try stopped
             "activeDeadlineSeconds": 3600,
             "template": {
                 "metadata": {"labels": labels},
@@ -326,7 +345,9 @@ def build_job(
                     # Non-root: uid 1000 / gid 100 is the image's `ray` user; fsGroup makes
                     # the volume group-writable for it where the volume plugin supports it.
                     "securityContext": {
-                        "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100,
+                        "runAsNonRoot": True,
+                        "runAsUser": 1000,
+                        "runAsGroup": 100,
                         "fsGroup": 100,
                     },
                     "containers": [
@@ -371,8 +392,11 @@ def render(*docs: dict[str, Any], profile: str = "") -> str:
 
 
 def generate_all(
-    serve_config: Path = SERVE_CONFIG, cluster_config: Path = CLUSTER_CONFIG, *,
-    tag: str | None = None, offline_from: str | None = None,
+    serve_config: Path = SERVE_CONFIG,
+    cluster_config: Path = CLUSTER_CONFIG,
+    *,
+    tag: str | None = None,
+    offline_from: str | None = None,
 ) -> dict[str, str]:
     """File name -> the text it should have."""
     serve_cfg = yaml.safe_load(Path(serve_config).read_text())
@@ -382,9 +406,11 @@ def generate_all(
         MANIFEST.name: render(build_manifest(serve_cfg, cluster, tag=tag)),
         MINIKUBE_MANIFEST.name: render(
             build_manifest(serve_cfg, cluster, profile="minikube", tag=tag),
-            profile=" (minikube profile)"),
+            profile=" (minikube profile)",
+        ),
         JOB_MANIFEST.name: render(
-            *build_job(serve_cfg, cluster, tag=tag, offline_from=offline_from)),
+            *build_job(serve_cfg, cluster, tag=tag, offline_from=offline_from)
+        ),
     }
 
 
@@ -394,18 +420,31 @@ def generate() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kuberay.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kuberay.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="exit 1 if a manifest is stale")
     mode.add_argument("--summary", action="store_true", help="print how deployments fit")
-    mode.add_argument("--print-minikube-size", action="store_true",
-                      help="print 'CPUS MIB' for minikube start, read from the minikube manifest")
+    mode.add_argument(
+        "--print-minikube-size",
+        action="store_true",
+        help="print 'CPUS MIB' for minikube start, read from the minikube manifest",
+    )
     mode.add_argument("--print-image-tag", action="store_true")
-    parser.add_argument("--image-tag", choices=["deps", "source"], default="deps",
-                        help="deps: hash of Dockerfile + locks (committed); source: + the code")
-    parser.add_argument("--offline-from", metavar="NODE_DIR",
-                        help="weights Job installs from this folder on the node (fetch --from)")
+    parser.add_argument(
+        "--image-tag",
+        choices=["deps", "source"],
+        default="deps",
+        help="deps: hash of Dockerfile + locks (committed); source: + the code",
+    )
+    parser.add_argument(
+        "--offline-from",
+        metavar="NODE_DIR",
+        help="weights Job installs from this folder on the node (fetch --from)",
+    )
     parser.add_argument("--out-dir", type=Path, default=MANIFEST.parent)
     args = parser.parse_args(argv)
 
@@ -429,21 +468,33 @@ def main(argv: list[str] | None = None) -> int:
             for profile in ("cluster", "minikube"):
                 c, merged = profile_configs(serve_cfg, cluster, profile)
                 print(f"# {profile}")
-                print("\n".join(sizing.check(c, merged) if profile == "cluster" else [
-                    f"group {g.name}: {g.min_replicas}..{g.max_replicas} pods"
-                    for g in sizing.groups(c)]))
+                print(
+                    "\n".join(
+                        sizing.check(c, merged)
+                        if profile == "cluster"
+                        else [
+                            f"group {g.name}: {g.min_replicas}..{g.max_replicas} pods"
+                            for g in sizing.groups(c)
+                        ]
+                    )
+                )
             return 0
         texts = generate_all(tag=image_tag(args.image_tag), offline_from=args.offline_from)
     except (ConfigError, sizing.SizingError, GenerateError) as err:
         print(f"kuberay.generate: {err}", file=sys.stderr)
         return 2
     if args.check:
-        stale = [name for name, text in texts.items()
-                 if not (args.out_dir / name).exists()
-                 or (args.out_dir / name).read_text() != text]
+        stale = [
+            name
+            for name, text in texts.items()
+            if not (args.out_dir / name).exists() or (args.out_dir / name).read_text() != text
+        ]
         if stale:
-            print(f"stale in {args.out_dir}: {', '.join(stale)}: run `make kuberay` "
-                  "(python -m kuberay.generate) and commit", file=sys.stderr)
+            print(
+                f"stale in {args.out_dir}: {', '.join(stale)}: run `make kuberay` "
+                "(python -m kuberay.generate) and commit",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.out_dir}: {', '.join(texts)} up to date")
         return 0

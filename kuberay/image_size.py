@@ -66,8 +66,9 @@ def estimate(lock: Path) -> dict[str, object]:
         "torch_cpu_estimate_mb": {k: round(v / mb) for k, v in torch.items()},
         "base_and_apt_mb": BASE_IMAGE_MB + APT_MB,
         "total_mb": round(total / mb),
-        "largest_mb": {k: round(v / mb) for k, v in sorted(
-            sizes.items(), key=lambda kv: -kv[1])[:8]},
+        "largest_mb": {
+            k: round(v / mb) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:8]
+        },
         "not_counted": problems,
     }
 

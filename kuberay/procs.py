@@ -29,7 +29,7 @@ def own_processes(sim_id: str) -> list[int]:
             if needle in (entry / "environ").read_bytes().split(b"\0"):
                 marked.add(pid)
             stat = (entry / "stat").read_text()
-            parents[pid] = int(stat[stat.rindex(")") + 2:].split()[1])
+            parents[pid] = int(stat[stat.rindex(")") + 2 :].split()[1])
         except (OSError, ValueError):
             continue  # gone, or not ours to read
     found = set(marked)

@@ -24,8 +24,10 @@ def _pod(cpu: str, memory: str) -> tuple[float, int]:
 def head_footprint(cluster: dict[str, Any]) -> tuple[float, int]:
     """The head pod with the autoscaler sidecar KubeRay adds to it."""
     head, auto = cluster["head"], cluster["autoscaler"]
-    return (cpu_cores(head["cpu"]) + cpu_cores(auto["cpu"]),
-            memory_bytes(head["memory"]) + memory_bytes(auto["memory"]))
+    return (
+        cpu_cores(head["cpu"]) + cpu_cores(auto["cpu"]),
+        memory_bytes(head["memory"]) + memory_bytes(auto["memory"]),
+    )
 
 
 def fits_budget(cluster: dict[str, Any], counts: dict[str, int]) -> bool:

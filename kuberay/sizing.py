@@ -197,7 +197,11 @@ def placement(cluster: dict[str, Any], reps: list[Replica], gs: list[Group]) -> 
 
 
 def pack(
-    reps: list[Replica], meant: dict[str, list[Group]], count: str, *, everything: bool = False,
+    reps: list[Replica],
+    meant: dict[str, list[Group]],
+    count: str,
+    *,
+    everything: bool = False,
     limits: dict[str, int] | None = None,
 ) -> dict[str, list[Pod]]:
     """First-fit-decreasing packing of `count` ("min_replicas"/"max_replicas") replicas of
@@ -275,6 +279,8 @@ def check(cluster: dict[str, Any], serve_cfg: dict[str, Any]) -> list[str]:
                 # Not an error: a model switched on must not change the Ray cluster (see the
                 # docstring); the autoscaler adds the pods at start. The tests hold the
                 # shipped config to minReplicas.
-                lines.append(f"note: group {g.name}: min_replicas need {n} pods, minReplicas "
-                             f"is {g.min_replicas}: the app waits for a scale-up at start")
+                lines.append(
+                    f"note: group {g.name}: min_replicas need {n} pods, minReplicas "
+                    f"is {g.min_replicas}: the app waits for a scale-up at start"
+                )
     return lines

@@ -209,7 +209,7 @@ def _check_opencv_limit(app: dict, settings: AppSettings) -> None:
     want = str(settings.limits.max_pixels)
     if env is None or str(env) != want:
         raise ConfigError(
-            f"applications[0].runtime_env.env_vars.{OPENCV_PIXELS_ENV} must be \"{want}\" "
+            f'applications[0].runtime_env.env_vars.{OPENCV_PIXELS_ENV} must be "{want}" '
             f"(= args.limits.max_pixels: OpenCV's own decoder limit), got {env!r}"
         )
 

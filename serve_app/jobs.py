@@ -135,9 +135,12 @@ class JobManager:
         """What the table holds (for tests and operators): jobs, bytes, the replica's peak."""
         import resource
 
-        return {"jobs": len(self.jobs), "active": self.jobs.active(),
-                "held_bytes": self.jobs.held_bytes,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {
+            "jobs": len(self.jobs),
+            "active": self.jobs.active(),
+            "held_bytes": self.jobs.held_bytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
 
 
 async def _follow(job: Job, stream: Any) -> dict[str, Any] | None:

@@ -130,7 +130,9 @@ class Router:
     async def _read(self, request: Request, default_output: str) -> tuple[ImageRequest, str]:
         """The image and parameters of a request, and the answer format it asks for."""
         image = await parse_image_request(
-            request, max_bytes=self.limits.max_body_bytes, fetch=self._fetch,
+            request,
+            max_bytes=self.limits.max_body_bytes,
+            fetch=self._fetch,
             max_json_bytes=self.limits.max_json_bytes,
         )
         return image, request.query_params.get("format", default_output)

@@ -46,8 +46,7 @@ def _tiff_entries(entries: list[tuple[int, int, int]], big: bool) -> bytes:
     width = next(v for t, _, v in entries if t == 256)
     height = next(v for t, _, v in entries if t == 257)
     strip = min(width * height, 4096)
-    entries = entries + [(258, 3, 8), (262, 3, 1), (273, 4, data_at), (277, 3, 1),
-                         (279, 4, strip)]
+    entries = entries + [(258, 3, 8), (262, 3, 1), (273, 4, data_at), (277, 3, 1), (279, 4, strip)]
     if big:
         out = b"II+\x00" + struct.pack("<HHQ", 8, 0, ifd_at) + struct.pack("<Q", len(entries))
         for tag, typ, value in entries:
@@ -69,9 +68,7 @@ def tiff(width: int, height: int, *, big: bool = False) -> bytes:
 
 def tiff_duplicate_tags() -> bytes:
     """ImageWidth/ImageLength twice: huge first (what libtiff uses), tiny last."""
-    return _tiff_entries(
-        [(256, 4, BIG_W), (257, 4, BIG_H), (256, 4, 16), (257, 4, 16)], big=False
-    )
+    return _tiff_entries([(256, 4, BIG_W), (257, 4, BIG_H), (256, 4, 16), (257, 4, 16)], big=False)
 
 
 def png_declared(width: int, height: int) -> bytes:

@@ -38,7 +38,10 @@ def model_dir(tmp_path_factory) -> Path:
         weights.fetch(["facefinder"], model_dir=path, from_dir=PICO, progress=False)
     if YUNET.is_dir():
         weights.fetch(
-            ["yunet_n", "yunet_s"], model_dir=path, from_dir=YUNET, progress=False,
+            ["yunet_n", "yunet_s"],
+            model_dir=path,
+            from_dir=YUNET,
+            progress=False,
             skip_missing=True,
         )
     return path
@@ -62,13 +65,18 @@ def service_config(port: int, model_dir: Path) -> dict:
     return with_overrides(
         load_config(),
         port=port,
-        args={"model_dir": str(model_dir), "fetch_allow_hosts": [TEST_IMAGE_HOST],
-              "limits": TEST_LIMITS},
+        args={
+            "model_dir": str(model_dir),
+            "fetch_allow_hosts": [TEST_IMAGE_HOST],
+            "limits": TEST_LIMITS,
+        },
         deployments={
             **{n: small for n in ("router", "jobs", *detectors)},
             **{n: sam for n in ("sam-segmentation-light", "sam-segmentation", "sam-mobile")},
-            "sam-vit-h": {**sam, "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1,
-                                                        "max_replicas": 1}},
+            "sam-vit-h": {
+                **sam,
+                "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
+            },
         },
         models=SAM_TEST_MODELS,
     )
@@ -83,11 +91,22 @@ SAM_TEST_MODELS: dict = {
     # fast its queue drains does not depend on the machine (tests/test_faults.py).
     "cnn-face-detection": {"options": {"test_delay_param": True}},
     "sam-segmentation-light": {
-        "options": {"variant": "tiny", "random_weights": True, "points_per_side": 8,
-                    "max_points_per_side": 16, "embedding_cache_bytes": 64 * 2**20},
+        "options": {
+            "variant": "tiny",
+            "random_weights": True,
+            "points_per_side": 8,
+            "max_points_per_side": 16,
+            "embedding_cache_bytes": 64 * 2**20,
+        },
     },
-    "sam-mobile": {"options": {"random_weights": True, "points_per_side": 4,
-                               "max_points_per_side": 8, "dtype": "float32"}},
+    "sam-mobile": {
+        "options": {
+            "random_weights": True,
+            "points_per_side": 4,
+            "max_points_per_side": 8,
+            "dtype": "float32",
+        }
+    },
     "sam-vit-h": {"enabled": True},
 }
 
@@ -161,7 +180,8 @@ def sam_ready(http) -> None:
 
 # A 2x2 black PNG, enough to exercise the SAM path end to end.
 _TINY_PNG_B64 = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAD0lEQVQIHWNkAANGBjAAAAAjAAMz85CnAAAAAElFTkSuQmCC"
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAD0lEQVQIHWNk"
+    "AANGBjAAAAAjAAMz85CnAAAAAElFTkSuQmCC"
 )
 
 
@@ -202,8 +222,9 @@ def image_server() -> str:
     """A real HTTP server on 127.0.0.2 (loopback; the test service's only allowed host)."""
     server = http_server.ThreadingHTTPServer((TEST_IMAGE_HOST, 0), _ImageHandler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+    )
     thread.start()
     yield f"http://{TEST_IMAGE_HOST}:{server.server_address[1]}"
     server.shutdown()

@@ -32,10 +32,22 @@ def test_load_adds_replicas_and_nodes_and_idleness_removes_them(tmp_path):
     sim_dir = Path(tempfile.mkdtemp(prefix="vs-sim-"))
     sim_id = os.urandom(8).hex()
     out = tmp_path / "autoscaling_timeline.json"
-    cmd = [sys.executable, "-m", "kuberay.autoscaling_sim", "--temp-dir", str(sim_dir),
-           "--sim-id", sim_id, "--out", str(out), "--drain-s", "150"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kuberay.autoscaling_sim",
+        "--temp-dir",
+        str(sim_dir),
+        "--sim-id",
+        sim_id,
+        "--out",
+        str(out),
+        "--drain-s",
+        "150",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         output, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -51,15 +63,20 @@ def test_load_adds_replicas_and_nodes_and_idleness_removes_them(tmp_path):
         shutil.rmtree(sim_dir, ignore_errors=True)
     assert proc.returncode == 0, output[-3000:]
     assert left == 0
-    report = json.loads(next(
-        line[len("REPORT "):] for line in output.splitlines() if line.startswith("REPORT ")))
+    report = json.loads(
+        next(line[len("REPORT ") :] for line in output.splitlines() if line.startswith("REPORT "))
+    )
 
     print(f"\nautoscaling timeline ({out}):")
-    print(f"{'t/s':>6} {'phase':6} {'replicas':>8} {'starting':>8} {'nodes':>5} {'ok':>6} "
-          f"{'failed':>6}")
+    print(
+        f"{'t/s':>6} {'phase':6} {'replicas':>8} {'starting':>8} {'nodes':>5} {'ok':>6} "
+        f"{'failed':>6}"
+    )
     for row in report["timeline"]:
-        print(f"{row['t']:6.1f} {row['phase']:6} {row['replicas']:8d} {row['starting']:8d} "
-              f"{row['worker_nodes']:5d} {row['requests_ok']:6d} {row['requests_failed']:6d}")
+        print(
+            f"{row['t']:6.1f} {row['phase']:6} {row['replicas']:8d} {row['starting']:8d} "
+            f"{row['worker_nodes']:5d} {row['requests_ok']:6d} {row['requests_failed']:6d}"
+        )
     print("marks:", report["marks"])
     s = report["summary"]
     print("summary:", s)
@@ -67,10 +84,16 @@ def test_load_adds_replicas_and_nodes_and_idleness_removes_them(tmp_path):
     from kuberay import overlay, sizing
     from serve_app.config import load_config
 
-    shipped = {d["name"]: d for d in overlay.cluster_serve_config(
-        load_config(), sizing.load_cluster())["applications"][0]["deployments"]}
-    assert report["marks"]["max_replicas"] == shipped[report["deployment"]][
-        "autoscaling_config"]["max_replicas"], "the simulation must run the shipped max"
+    shipped = {
+        d["name"]: d
+        for d in overlay.cluster_serve_config(load_config(), sizing.load_cluster())["applications"][
+            0
+        ]["deployments"]
+    }
+    assert (
+        report["marks"]["max_replicas"]
+        == shipped[report["deployment"]]["autoscaling_config"]["max_replicas"]
+    ), "the simulation must run the shipped max"
     # The small SAM runs on the sam node type, and only there is its CPU share used.
     sam_cpus = shipped["sam-mobile"]["ray_actor_options"]["num_cpus"]
     assert report["marks"]["placement"]["sam"]["cpus_used"] == sam_cpus

@@ -52,8 +52,10 @@ def test_every_bomb_is_refused_fast_without_allocating() -> None:
     results = json.loads(run.stdout.decode().strip().splitlines()[-1])
     print()
     for name, (status, grown_mib, seconds) in results.items():
-        print(f"  {name}: {len(BOMBS[name][0])} bytes -> {status}, +{grown_mib} MiB, "
-              f"{seconds * 1e3:.1f} ms")
+        print(
+            f"  {name}: {len(BOMBS[name][0])} bytes -> {status}, +{grown_mib} MiB, "
+            f"{seconds * 1e3:.1f} ms"
+        )
     for name, (status, grown_mib, seconds) in results.items():
         assert status in BOMBS[name][1], (name, status)
         assert grown_mib < 64, f"{name} grew the process by {grown_mib} MiB"
@@ -62,8 +64,9 @@ def test_every_bomb_is_refused_fast_without_allocating() -> None:
 
 def test_duplicate_size_tags_read_as_libtiff_reads_them() -> None:
     # libtiff keeps the first of a duplicated tag: so must the sniffer, both ways round.
-    small_first = _tiff_entries([(256, 4, 16), (257, 4, 16), (256, 4, BIG_W), (257, 4, BIG_W)],
-                                big=False)
+    small_first = _tiff_entries(
+        [(256, 4, 16), (257, 4, 16), (256, 4, BIG_W), (257, 4, BIG_W)], big=False
+    )
     assert sniff(small_first) == ImageInfo("tiff", 16, 16)
     assert decode_image(small_first, max_pixels=MAX_PIXELS).shape == (16, 16, 3)
     assert sniff(BOMBS["tiff-duplicate-size-tags"][0]) == ImageInfo("tiff", BIG_W, BIG_W)
@@ -108,17 +111,23 @@ def test_gif_is_refused_by_name() -> None:
 
 
 def test_opencv_limit_follows_the_environment_at_import() -> None:
-    code = ("import serve_app, json; from serve_app.inputs.decode import opencv_pixel_limit;"
-            "print(opencv_pixel_limit())")
+    code = (
+        "import serve_app, json; from serve_app.inputs.decode import opencv_pixel_limit;"
+        "print(opencv_pixel_limit())"
+    )
     env = {"OPENCV_IO_MAX_IMAGE_PIXELS": "1234567", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, env=env,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, cwd=REPO, env=env, timeout=60, check=True
+    )
     assert out.stdout.decode().split() == ["1234567"]
     # ... and OpenCV enforces it: a 2000x1000 PNG is over 1234567 pixels.
-    code = ("import serve_app, cv2, numpy as np\n"
-            "png = cv2.imencode('.png', np.zeros((1000, 2000, 3), np.uint8))[1]\n"
-            "try:\n    cv2.imdecode(png, 1); print('decoded')\n"
-            "except cv2.error:\n    print('refused')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, env=env,
-                         timeout=60, check=True)
+    code = (
+        "import serve_app, cv2, numpy as np\n"
+        "png = cv2.imencode('.png', np.zeros((1000, 2000, 3), np.uint8))[1]\n"
+        "try:\n    cv2.imdecode(png, 1); print('decoded')\n"
+        "except cv2.error:\n    print('refused')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, cwd=REPO, env=env, timeout=60, check=True
+    )
     assert out.stdout.decode().split() == ["refused"]

@@ -12,8 +12,7 @@ from helpers import EXTRA_FILES, running_replicas, shared_file
 
 from serve_app.launch import APP_NAME
 
-DETECTORS = ["face-detect-pigo", "face-detect-opencv", "basic-face-detection",
-             "cnn-face-detection"]
+DETECTORS = ["face-detect-pigo", "face-detect-opencv", "basic-face-detection", "cnn-face-detection"]
 FORBIDDEN = ("Traceback", "ray::", "pid=", "/io/opencv", ".cpp", "cv2.error")
 
 
@@ -52,16 +51,22 @@ def test_bombs_are_refused_and_replicas_survive(service, http, image_server, rea
             assert set(body) == {"error", "detail", "request_id"}, body
             assert not any(word in r.text for word in FORBIDDEN), r.text
             assert took < 1.0, f"{model} took {took:.2f} s to refuse {name}"
-    print(f"\n{len(BOMBS)} bombs x {len(ready)} detectors ({how}): slowest answer "
-          f"{slowest[0] * 1e3:.0f} ms ({slowest[1]})")
+    print(
+        f"\n{len(BOMBS)} bombs x {len(ready)} detectors ({how}): slowest answer "
+        f"{slowest[0] * 1e3:.0f} ms ({slowest[1]})"
+    )
     assert running_replicas() == before, "a replica restarted"
-    budgets = {d["name"]: d["ray_actor_options"]["memory"]
-               for d in service["config"]["applications"][0]["deployments"]}
+    budgets = {
+        d["name"]: d["ray_actor_options"]["memory"]
+        for d in service["config"]["applications"][0]["deployments"]
+    }
     for model in ready:
         info = replica_info(model)
         peak = info["peak_rss_bytes"]
-        print(f"  {model}: peak RSS {peak / 2**20:.0f} MiB of {budgets[model] / 2**20:.0f} MiB; "
-              f"OpenCV pixel limit {info['limits']['decoder_max_pixels']}")
+        print(
+            f"  {model}: peak RSS {peak / 2**20:.0f} MiB of {budgets[model] / 2**20:.0f} MiB; "
+            f"OpenCV pixel limit {info['limits']['decoder_max_pixels']}"
+        )
         assert peak < budgets[model], f"{model} peaked at {peak / 2**20:.0f} MiB"
         # OpenCV's own limit is the service's, from the app's runtime_env.
         assert info["limits"]["decoder_max_pixels"] == info["limits"]["max_pixels"]
@@ -82,9 +87,11 @@ def test_pico_worst_parameters_on_50mp_are_refused_over_http(http, ready):
     from bombs import png_declared
 
     t0 = time.monotonic()
-    r = http.post("/v1/detect/face-detect-pigo", content=png_declared(8660, 5773),
-                  params={"min_size": 4, "shift_factor": 0.01, "scale_factor": 1.01,
-                          "max_size": 20000})
+    r = http.post(
+        "/v1/detect/face-detect-pigo",
+        content=png_declared(8660, 5773),
+        params={"min_size": 4, "shift_factor": 0.01, "scale_factor": 1.01, "max_size": 20000},
+    )
     assert r.status_code == 422 and r.json()["error"] == "over_work_budget", r.text
     assert time.monotonic() - t0 < 1.0
 
@@ -107,7 +114,9 @@ def test_a_timed_out_call_frees_the_replica(service, http):
 
     with pytest.raises(RequestCancelledError):  # cancelled while it held the model, not refused
         response.result(timeout_s=30)
-    print(f"\nafter cancelling a 120 s call, the next request took {waited:.2f} s "
-          f"(model time {r.json()['timing_ms']['total']:.0f} ms)")
+    print(
+        f"\nafter cancelling a 120 s call, the next request took {waited:.2f} s "
+        f"(model time {r.json()['timing_ms']['total']:.0f} ms)"
+    )
     assert r.status_code == 200, r.text
     assert waited < 10, "the cancelled call kept the model"

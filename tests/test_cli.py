@@ -35,11 +35,16 @@ def clean_env() -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 180,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*COMMAND, *args], capture_output=True, text=False, cwd=cwd,
-        env={**clean_env(), **(env or {})}, timeout=timeout,
+        [*COMMAND, *args],
+        capture_output=True,
+        text=False,
+        cwd=cwd,
+        env={**clean_env(), **(env or {})},
+        timeout=timeout,
     )
 
 
@@ -62,28 +67,46 @@ def sample() -> Path:
 def url(service) -> str:
     return service["url"]
 
+
 # -- usage and failures -----------------------------------------------------------------
 def test_unreachable_service_exits_3_and_says_how_to_start_it(sample, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    r = cli("--url", url, "detect", "cnn-face-detection", str(sample), "-o", "x.jpg",
-            cwd=tmp_path, timeout=60)
+    r = cli(
+        "--url",
+        url,
+        "detect",
+        "cnn-face-detection",
+        str(sample),
+        "-o",
+        "x.jpg",
+        cwd=tmp_path,
+        timeout=60,
+    )
     err = text(r.stderr)
     assert r.returncode == 3, err
     assert url in err and "connection refused" in err and "make run" in err
     assert not (tmp_path / "x.jpg").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["detect", "cnn-face-detection", "/no/such/file.jpg"], "no such file"),
-    (["detect", "cnn-face-detection", "{img}", "--param", "confidence"], "NAME=VALUE"),
-    (["detect", "cnn-face-detection", "{img}", "-o", "out.gif"], ".jpg, .jpeg or .png"),
-    (["segment", SAM_LIGHT, "{img}", "--points", "1,2", "--labels", "1,0"], "0/1 values"),
-    (["segment", SAM_LIGHT, "{img}", "--box", "1,2,3"], "4 comma-separated"),
-    (["detect"], "required"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["detect", "cnn-face-detection", "/no/such/file.jpg"], "no such file"),
+        (["detect", "cnn-face-detection", "{img}", "--param", "confidence"], "NAME=VALUE"),
+        (["detect", "cnn-face-detection", "{img}", "-o", "out.gif"], ".jpg, .jpeg or .png"),
+        (["segment", SAM_LIGHT, "{img}", "--points", "1,2", "--labels", "1,0"], "0/1 values"),
+        (["segment", SAM_LIGHT, "{img}", "--box", "1,2,3"], "4 comma-separated"),
+        (["detect"], "required"),
+    ],
+)
 def test_usage_errors_exit_2(sample, tmp_path, args, message):
-    r = cli("--url", "http://127.0.0.1:9", *[a.format(img=sample) for a in args], cwd=tmp_path,
-            timeout=60)
+    r = cli(
+        "--url",
+        "http://127.0.0.1:9",
+        *[a.format(img=sample) for a in args],
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert r.returncode == 2, text(r.stderr)
     assert message in text(r.stderr)
 
@@ -96,16 +119,35 @@ def test_unknown_model_exits_4_with_the_services_detail(url, sample, tmp_path):
 
 
 def test_out_of_range_parameter_exits_4(url, sample, tmp_path):
-    r = cli("--url", url, "detect", "cnn-face-detection", str(sample), "--json",
-            "--param", "confidence=7", cwd=tmp_path)
+    r = cli(
+        "--url",
+        url,
+        "detect",
+        "cnn-face-detection",
+        str(sample),
+        "--json",
+        "--param",
+        "confidence=7",
+        cwd=tmp_path,
+    )
     assert r.returncode == 4, text(r.stderr)
     assert "bad_parameter" in text(r.stderr) and "confidence" in text(r.stderr)
 
 
 def test_missing_weights_exits_5_with_the_fetch_command(url, sample, tmp_path):
     # sam-vit-h is enabled in the test service without its weights: the service answers 503.
-    r = cli("--url", url, "segment", "sam-vit-h", str(sample), "--points", "160,200",
-            "-o", "x.png", cwd=tmp_path)
+    r = cli(
+        "--url",
+        url,
+        "segment",
+        "sam-vit-h",
+        str(sample),
+        "--points",
+        "160,200",
+        "-o",
+        "x.png",
+        cwd=tmp_path,
+    )
     err = text(r.stderr)
     assert r.returncode == 5, err
     assert "503 weights_missing" in err and "python -m serve_app.models fetch sam_vit_h" in err
@@ -116,8 +158,14 @@ class _KeyedModels(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         if self.headers.get("Authorization") == "Bearer right-key":
-            status, body = 200, {"models": [{"name": "m", "kind": "detector",
-                                              "status": "ready", "parameters": {}}]}
+            status, body = (
+                200,
+                {
+                    "models": [
+                        {"name": "m", "kind": "detector", "status": "ready", "parameters": {}}
+                    ]
+                },
+            )
         else:
             status, body = 401, {"error": "unauthorized", "detail": "missing or wrong API key"}
         data = json.dumps(body).encode()
@@ -165,8 +213,9 @@ def test_models_lists_every_model(service, url):
 
 
 def test_detect_writes_the_annotated_jpeg(url, sample, tmp_path):
-    r = cli("--url", url, "detect", "cnn-face-detection", str(sample), "-o", "boxes.jpg",
-            cwd=tmp_path)
+    r = cli(
+        "--url", url, "detect", "cnn-face-detection", str(sample), "-o", "boxes.jpg", cwd=tmp_path
+    )
     assert r.returncode == 0, text(r.stderr)
     out = tmp_path / "boxes.jpg"
     assert out.read_bytes()[:3] == b"\xff\xd8\xff"
@@ -175,8 +224,17 @@ def test_detect_writes_the_annotated_jpeg(url, sample, tmp_path):
 
 
 def test_detect_json_prints_one_face(url, sample, tmp_path):
-    r = cli("--url", url, "detect", "cnn-face-detection", str(sample), "--json",
-            "--param", "confidence=0.5", cwd=tmp_path)
+    r = cli(
+        "--url",
+        url,
+        "detect",
+        "cnn-face-detection",
+        str(sample),
+        "--json",
+        "--param",
+        "confidence=0.5",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, text(r.stderr)
     body = json.loads(r.stdout)  # stdout is nothing but the JSON answer
     assert body["model"] == "cnn-face-detection" and body["filename"] == "pigo_sample.jpg"
@@ -187,8 +245,9 @@ def test_detect_json_prints_one_face(url, sample, tmp_path):
 
 def test_detect_url_image_with_json_and_output(url, image_server, tmp_path):
     image = f"{image_server}/pigo_sample.jpg"  # fetched by the service, not by the CLI
-    r = cli("--url", url, "detect", "face-detect-pigo", image, "--json", "-o", "p.png",
-            cwd=tmp_path)
+    r = cli(
+        "--url", url, "detect", "face-detect-pigo", image, "--json", "-o", "p.png", cwd=tmp_path
+    )
     assert r.returncode == 0, text(r.stderr)
     assert json.loads(r.stdout)["count"] == 1
     assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
@@ -203,8 +262,14 @@ def test_detect_default_output_name(url, sample, tmp_path):
 
 # -- interactive mode ----------------------------------------------------------------------
 def spawn(url: str, cwd: Path, *args: str) -> pexpect.spawn:
-    return pexpect.spawn(COMMAND[0], [*COMMAND[1:], "--url", url, *args], cwd=str(cwd),
-                         env=clean_env(), encoding="utf-8", timeout=120)
+    return pexpect.spawn(
+        COMMAND[0],
+        [*COMMAND[1:], "--url", url, *args],
+        cwd=str(cwd),
+        env=clean_env(),
+        encoding="utf-8",
+        timeout=120,
+    )
 
 
 def test_interactive_detect_through_a_terminal(url, sample, tmp_path):
@@ -247,8 +312,18 @@ def test_interactive_refuses_a_model_without_weights(url, sample, tmp_path):
 
 # -- Segment Anything (tiny random weights: any mask count is right) ------------------------
 def test_segment_automatic_shows_progress_and_writes_png(url, sample, tmp_path, sam_ready):
-    r = cli("--url", url, "segment", SAM_LIGHT, str(sample), "-o", "auto.png",
-            "--param", "points_per_side=4", cwd=tmp_path)
+    r = cli(
+        "--url",
+        url,
+        "segment",
+        SAM_LIGHT,
+        str(sample),
+        "-o",
+        "auto.png",
+        "--param",
+        "points_per_side=4",
+        cwd=tmp_path,
+    )
     err = text(r.stderr)
     assert r.returncode == 0, err
     assert re.search(rf"{SAM_LIGHT}: 100% done", err), err  # the job's progress lines
@@ -258,8 +333,22 @@ def test_segment_automatic_shows_progress_and_writes_png(url, sample, tmp_path, 
 
 
 def test_segment_prompted_json_and_png(url, sample, tmp_path, sam_ready):
-    r = cli("--url", url, "segment", SAM_LIGHT, str(sample), "--points", "160,200", "60,60",
-            "--labels", "1,0", "--json", "-o", "prompted.png", cwd=tmp_path)
+    r = cli(
+        "--url",
+        url,
+        "segment",
+        SAM_LIGHT,
+        str(sample),
+        "--points",
+        "160,200",
+        "60,60",
+        "--labels",
+        "1,0",
+        "--json",
+        "-o",
+        "prompted.png",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, text(r.stderr)
     body = json.loads(r.stdout)
     assert (body["width"], body["height"]) == (320, 400)

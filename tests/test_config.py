@@ -26,10 +26,12 @@ def test_shipped_config_is_valid(cfg):
 def test_shipped_config_fits_a_two_core_laptop(cfg):
     """min_replicas of everything must fit what Ray offers a 2-core, 24 GB machine."""
     deps = cfg["applications"][0]["deployments"]
-    cpus = sum(d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["min_replicas"]
-               for d in deps)
-    mem = sum(d["ray_actor_options"]["memory"] * d["autoscaling_config"]["min_replicas"]
-              for d in deps)
+    cpus = sum(
+        d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["min_replicas"] for d in deps
+    )
+    mem = sum(
+        d["ray_actor_options"]["memory"] * d["autoscaling_config"]["min_replicas"] for d in deps
+    )
     assert cpus <= 2.0
     assert mem <= 12 * 2**30  # Ray offers ~14.8 GiB on an idle 24 GB machine, less on a busy one
 
@@ -50,21 +52,28 @@ def _dep(cfg, name):
         (lambda c: c.__setitem__("http_optons", {}), "unknown key"),
         (lambda c: c["http_options"].__setitem__("request_timeout", 5), "unknown key"),
         (lambda c: _dep(c, "router").__setitem__("max_ongoing", 5), "unknown key"),
-        (lambda c: _dep(c, "router")["ray_actor_options"].__setitem__("num_cpu", 1),
-         "unknown key"),
-        (lambda c: _dep(c, "router")["autoscaling_config"].__setitem__("max_replica", 1),
-         "unknown key"),
+        (lambda c: _dep(c, "router")["ray_actor_options"].__setitem__("num_cpu", 1), "unknown key"),
+        (
+            lambda c: _dep(c, "router")["autoscaling_config"].__setitem__("max_replica", 1),
+            "unknown key",
+        ),
         (lambda c: _dep(c, "router")["ray_actor_options"].pop("memory"), "num_cpus and memory"),
         (lambda c: _dep(c, "router").pop("max_queued_requests"), "max_queued_requests"),
         (lambda c: c["applications"][0]["args"].__setitem__("limitz", {}), "limitz"),
-        (lambda c: c["applications"][0]["args"]["limits"].__setitem__("max_pixels", -1),
-         "max_pixels"),
-        (lambda c: c["applications"][0]["args"]["models"].__setitem__("face-detect-x", {}),
-         "unknown model"),
+        (
+            lambda c: c["applications"][0]["args"]["limits"].__setitem__("max_pixels", -1),
+            "max_pixels",
+        ),
+        (
+            lambda c: c["applications"][0]["args"]["models"].__setitem__("face-detect-x", {}),
+            "unknown model",
+        ),
         (lambda c: c["applications"][0]["deployments"].pop(), "missing"),
         (lambda c: c["http_options"].__setitem__("request_timeout_s", 10), "request_timeout_s"),
-        (lambda c: _dep(c, "sam-vit-h")["autoscaling_config"].__setitem__("min_replicas", 1),
-         "disabled model"),
+        (
+            lambda c: _dep(c, "sam-vit-h")["autoscaling_config"].__setitem__("min_replicas", 1),
+            "disabled model",
+        ),
     ],
 )
 def test_mistakes_are_refused(cfg, mutation, message):

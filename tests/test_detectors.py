@@ -35,8 +35,10 @@ def centre(face) -> tuple[float, float]:
 def near_reference(face, ref: dict, tolerance: float = 0.25) -> bool:
     """The box centre lies within `tolerance` x pigo's window side of pigo's centre."""
     cx, cy = centre(face)
-    return (abs(cx - ref["col"]) <= tolerance * ref["scale"]
-            and abs(cy - ref["row"]) <= tolerance * ref["scale"])
+    return (
+        abs(cx - ref["col"]) <= tolerance * ref["scale"]
+        and abs(cy - ref["row"]) <= tolerance * ref["scale"]
+    )
 
 
 @pytest.mark.parametrize("name", ["pigo_sample.jpg", "skimage_astronaut.png"])

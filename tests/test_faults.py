@@ -177,8 +177,13 @@ asyncio.run(main())
 
 @pytest.mark.parametrize(
     "model",
-    ["face-detect-opencv", "basic-face-detection", CNN, "face-detect-pigo",
-     "yunet-face-detection"],  # cv2.FaceDetectorYN keeps per-input-size state too
+    [
+        "face-detect-opencv",
+        "basic-face-detection",
+        CNN,
+        "face-detect-pigo",
+        "yunet-face-detection",
+    ],  # cv2.FaceDetectorYN keeps per-input-size state too
 )
 def test_concurrent_calls_share_one_model_safely(model_dir, model):
     """A replica's concurrent requests share its model object: answers stay right, no crash.
@@ -227,8 +232,7 @@ async def overload(
         async def one() -> Call:
             start = time.monotonic()
             try:
-                r = await client.post(CNN_ROUTE, content=data,
-                                      params={"test_delay_s": SERVICE_S})
+                r = await client.post(CNN_ROUTE, content=data, params={"test_delay_s": SERVICE_S})
             except httpx.HTTPError as err:
                 return Call(start - t0, time.monotonic() - start, 599, repr(err)[:160])
             return Call(
@@ -313,8 +317,10 @@ def test_overload_sheds_fast_503s(service, http, sample, cnn_ready):
     assert not bare, f"{len(bare)} 503s without JSON or Retry-After, e.g. {bare[0].error!r}"
     probe_shed = [c.seconds for c in probed if c.status == 503]
     decided = max((c.start + c.seconds for c in probed if c.status == 503), default=0.0)
-    print(f"  probes decided by t={decided:.1f} s: the model freed at most "
-          f"{int(decided / SERVICE_S) + 1} places by then")
+    print(
+        f"  probes decided by t={decided:.1f} s: the model freed at most "
+        f"{int(decided / SERVICE_S) + 1} places by then"
+    )
     assert len(probe_shed) >= probes // 2, "a saturated service must shed most new requests"
     # Fast means well under a second on a quiet machine (0.25 s measured at load 13); on a
     # shared 2-core box at load 20+ everything slows, so: or 5x faster than being served.

@@ -373,7 +373,8 @@ def test_refused_form_count() -> None:
     rules = {
         node.value.value
         for node in ast.walk(tree)
-        if isinstance(node, ast.Return) and isinstance(node.value, ast.Constant)
+        if isinstance(node, ast.Return)
+        and isinstance(node.value, ast.Constant)
         and isinstance(node.value.value, str)
     }
     assert len(rules) >= 12, rules  # the reader above still finds the rules
@@ -384,8 +385,12 @@ def test_refused_form_count() -> None:
 
 def test_a_refusal_names_the_rule_not_the_address_a_name_has() -> None:
     """The caller learns why, not what internal DNS says (a numeric host is their own)."""
-    for url, hidden in [("http://mixed.test/", "10.0.0.1"), ("http://localhost/", "127.0.0.1"),
-                        ("http://tunnel.test/", "127.0.0.1"), ("http://tunnel.test/", "2002:")]:
+    for url, hidden in [
+        ("http://mixed.test/", "10.0.0.1"),
+        ("http://localhost/", "127.0.0.1"),
+        ("http://tunnel.test/", "127.0.0.1"),
+        ("http://tunnel.test/", "2002:"),
+    ]:
         err = refused(url)
         assert err.code == "fetch_refused" and hidden not in err.message, err
 

@@ -46,7 +46,9 @@ def test_models_lists_every_configured_model(http):
     models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
     for name, spec in MODELS.items():  # what the web page and clients read from the registry
         assert (models[name]["box_color"], models[name]["default_output"]) == (
-            spec.box_color, spec.default_output)
+            spec.box_color,
+            spec.default_output,
+        )
     for name in DETECTORS:
         assert models[name]["kind"] == "detector"
         assert models[name]["status"] == "ready", models[name]
@@ -80,8 +82,11 @@ def test_detect_raw_body_finds_the_face(http, sample, model):
 
 
 def test_detect_multipart_upload_and_params(http, sample):
-    r = http.post("/v1/detect/cnn-face-detection",
-                  files={"file": ("face.jpg", sample, "image/jpeg")}, data={"confidence": "0.9"})
+    r = http.post(
+        "/v1/detect/cnn-face-detection",
+        files={"file": ("face.jpg", sample, "image/jpeg")},
+        data={"confidence": "0.9"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["filename"] == "face.jpg" and body["parameters"]["confidence"] == 0.9
@@ -92,8 +97,9 @@ def test_detect_json_base64_and_url(http, sample, image_server):
     b64 = base64.b64encode(sample).decode()
     r = http.post("/v1/detect/face-detect-pigo", json={"image_base64": b64, "q_threshold": 3})
     assert r.status_code == 200 and r.json()["count"] == 1
-    r = http.post("/v1/detect/face-detect-pigo",
-                  json={"image_base64": "data:image/jpeg;base64," + b64})
+    r = http.post(
+        "/v1/detect/face-detect-pigo", json={"image_base64": "data:image/jpeg;base64," + b64}
+    )
     assert r.status_code == 200 and r.json()["count"] == 1
     r = http.post("/v1/detect/cnn-face-detection", json={"url": f"{image_server}/pigo_sample.jpg"})
     assert r.status_code == 200 and r.json()["count"] == 1
@@ -116,8 +122,12 @@ def test_detect_image_answer(http, sample, fmt, media):
     # original has no green at all.
     [face] = http.post("/v1/detect/face-detect-pigo", content=sample).json()["faces"]
     x, y, w, h = face["x"], face["y"], face["w"], face["h"]
-    for side in (np.s_[y, x : x + w], np.s_[y + h, x : x + w], np.s_[y : y + h, x],
-                 np.s_[y : y + h, x + w]):
+    for side in (
+        np.s_[y, x : x + w],
+        np.s_[y + h, x : x + w],
+        np.s_[y : y + h, x],
+        np.s_[y : y + h, x + w],
+    ):
         assert greenish(drawn[side]) > 0.9, (fmt, side)
         assert greenish(original[side]) < 0.1
     if fmt == "png":  # lossless: the exact colour
@@ -127,8 +137,11 @@ def test_detect_image_answer(http, sample, fmt, media):
 def test_function_with_url_body_answers_jpeg(http, image_server):
     """The OpenFaaS habit: `curl -d https://host/img.jpg .../function/face-detect-pigo`."""
     url = f"{image_server}/pigo_sample.jpg"
-    r = http.post("/function/face-detect-pigo", content=url.encode(),
-                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = http.post(
+        "/function/face-detect-pigo",
+        content=url.encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/jpeg" and r.headers["x-count"] == "1"
     assert decode(r.content).shape == (400, 320, 3)
@@ -150,8 +163,12 @@ def test_basic_face_detection_answers_base64_text_or_json(http, sample):
 def _png_header(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-            + struct.pack(">I", zlib.crc32(chunk)))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,8 +176,11 @@ def _png_header(width: int, height: int) -> bytes:
     [
         ({"content": b"garbage bytes, no image"}, 415, "unsupported_media_type"),
         ({"content": b""}, 400, "empty_body"),
-        ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400,
-         "bad_json"),
+        (
+            {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
+            400,
+            "bad_json",
+        ),
         ({"json": {"image_base64": "@@@"}}, 400, "bad_base64"),
         ({"json": {"nothing": 1}}, 400, "no_image"),
         ({"json": {"url": "http://127.0.0.1:9/x.jpg"}}, 400, "fetch_refused"),
@@ -178,14 +198,26 @@ def test_bad_input_gives_4xx_json(http, kwargs, status, code):
 
 
 def test_bad_parameters(http, sample):
-    assert_error(http.post("/v1/detect/cnn-face-detection?confidence=7", content=sample), 422,
-                 "bad_parameter")
-    assert_error(http.post("/v1/detect/cnn-face-detection?confidence=abc", content=sample), 422,
-                 "bad_parameter")
-    assert_error(http.post("/v1/detect/cnn-face-detection?colour=red", content=sample), 422,
-                 "unknown_parameter")
-    assert_error(http.post("/v1/detect/face-detect-pigo?min_size=500&max_size=100",
-                           content=sample), 422, "bad_parameter")
+    assert_error(
+        http.post("/v1/detect/cnn-face-detection?confidence=7", content=sample),
+        422,
+        "bad_parameter",
+    )
+    assert_error(
+        http.post("/v1/detect/cnn-face-detection?confidence=abc", content=sample),
+        422,
+        "bad_parameter",
+    )
+    assert_error(
+        http.post("/v1/detect/cnn-face-detection?colour=red", content=sample),
+        422,
+        "unknown_parameter",
+    )
+    assert_error(
+        http.post("/v1/detect/face-detect-pigo?min_size=500&max_size=100", content=sample),
+        422,
+        "bad_parameter",
+    )
     assert_error(http.post("/v1/detect/cnn-face-detection?format=gif", content=sample), 422)
 
 
@@ -198,13 +230,21 @@ def test_unknown_routes_and_models(http, sample):
 
 
 def test_url_fetch_errors(http, image_server):
-    assert_error(http.post("/v1/detect/cnn-face-detection", json={"url": f"{image_server}/text"}),
-                 415)
-    assert_error(http.post("/v1/detect/cnn-face-detection",
-                           json={"url": f"{image_server}/missing.jpg"}), 422, "fetch_failed")
-    assert_error(http.post("/v1/detect/cnn-face-detection",
-                           json={"url": f"{image_server}/redirect-to-loopback"}), 400,
-                 "fetch_refused")
+    assert_error(
+        http.post("/v1/detect/cnn-face-detection", json={"url": f"{image_server}/text"}), 415
+    )
+    assert_error(
+        http.post("/v1/detect/cnn-face-detection", json={"url": f"{image_server}/missing.jpg"}),
+        422,
+        "fetch_failed",
+    )
+    assert_error(
+        http.post(
+            "/v1/detect/cnn-face-detection", json={"url": f"{image_server}/redirect-to-loopback"}
+        ),
+        400,
+        "fetch_refused",
+    )
 
 
 def test_missing_weights_answer_503_with_the_fetch_command(http, sample):

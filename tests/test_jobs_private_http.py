@@ -27,15 +27,21 @@ def small_app(app_name: str, env: dict[str, str], require: bool, max_result_byte
     from serve_app.registry import MODELS
     from serve_app.router import Router
 
-    args = {"api_key_env": KEY_ENV, "require_api_key": require,
-            "fetch_allow_hosts": [TEST_IMAGE_HOST],
-            "jobs": {"max_result_bytes": max_result_bytes, "max_finished_jobs": 100},
-            "models": {MODEL: {"timeout_s": 60}}}
+    args = {
+        "api_key_env": KEY_ENV,
+        "require_api_key": require,
+        "fetch_allow_hosts": [TEST_IMAGE_HOST],
+        "jobs": {"max_result_bytes": max_result_bytes, "max_finished_jobs": 100},
+        "models": {MODEL: {"timeout_s": 60}},
+    }
     plain = parse_app_settings(args).model_dump()
     small = {"num_cpus": 0.02, "memory": JOBS_MEMORY}
-    detector = MODELS[MODEL].deployment_class().options(
-        name=MODEL, ray_actor_options=small, max_ongoing_requests=4
-    ).bind(MODEL, {}, None, 50_000_000)
+    detector = (
+        MODELS[MODEL]
+        .deployment_class()
+        .options(name=MODEL, ray_actor_options=small, max_ongoing_requests=4)
+        .bind(MODEL, {}, None, 50_000_000)
+    )
     handles = {MODEL: detector}
     jobs = JobManager.options(name="jobs", ray_actor_options=small).bind(plain, handles)
     return Router.options(
@@ -116,9 +122,11 @@ def test_stored_results_stay_within_the_jobs_budget(keys_app):
         ids.append(r.json()["id"])
         poll(keys_app, ids[-1], KEY_ONE)  # one at a time: the table holds finished results
     stats = serve.get_deployment_handle("jobs", KEYS_APP).stats.remote().result(timeout_s=30)
-    print(f"\n12 PNG results: the jobs table holds {stats['jobs']} jobs, "
-          f"{stats['held_bytes'] / 2**20:.1f} MiB (budget {JOBS_BUDGET / 2**20:.0f} MiB); "
-          f"replica peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(
+        f"\n12 PNG results: the jobs table holds {stats['jobs']} jobs, "
+        f"{stats['held_bytes'] / 2**20:.1f} MiB (budget {JOBS_BUDGET / 2**20:.0f} MiB); "
+        f"replica peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB"
+    )
     assert stats["held_bytes"] <= JOBS_BUDGET
     assert stats["peak_rss_bytes"] < JOBS_MEMORY
     # The newest result is there, the oldest was evicted (404 as for an unknown job).

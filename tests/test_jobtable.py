@@ -49,8 +49,10 @@ def test_a_thousand_1mib_results_stay_within_the_byte_budget() -> None:
     finally:
         tracemalloc.stop()
     kept = [j.id for j in table]
-    print(f"\n1000 jobs of 1 MiB: {len(kept)} kept, table {table.held_bytes / MIB:.1f} MiB, "
-          f"traced {(held - base) / MIB:.1f} MiB (budget {budget / MIB:.0f} MiB)")
+    print(
+        f"\n1000 jobs of 1 MiB: {len(kept)} kept, table {table.held_bytes / MIB:.1f} MiB, "
+        f"traced {(held - base) / MIB:.1f} MiB (budget {budget / MIB:.0f} MiB)"
+    )
     assert (held - base) < budget * 1.1
     # the newest survive, oldest evicted first
     assert kept == [f"j{i}" for i in range(1000 - len(kept), 1000)]

@@ -117,8 +117,7 @@ def rayservice_schema() -> dict:
     return _strict(v1["schema"]["openAPIV3Schema"])
 
 
-def test_manifest_validates_against_the_kuberay_crd(manifest, minikube_manifest,
-                                                    rayservice_schema):
+def test_manifest_validates_against_the_kuberay_crd(manifest, minikube_manifest, rayservice_schema):
     import jsonschema
 
     jsonschema.validate(manifest, rayservice_schema)
@@ -162,9 +161,12 @@ def _autoscaling_config(manifest: dict) -> dict:
         _derive_autoscaling_config_from_ray_cr,
     )
 
-    cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
-          "metadata": {"name": manifest["metadata"]["name"], "namespace": "default"},
-          "spec": manifest["spec"]["rayClusterConfig"]}
+    cr = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": manifest["metadata"]["name"], "namespace": "default"},
+        "spec": manifest["spec"]["rayClusterConfig"],
+    }
     return _derive_autoscaling_config_from_ray_cr(cr)
 
 
@@ -249,8 +251,11 @@ def test_graceful_shutdown_covers_the_model_timeouts(serve_cfg, manifest):
         assert dep["graceful_shutdown_timeout_s"] >= need, dep["name"]
     for spec in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
-        placed = [d for d in app["deployments"] if d["ray_actor_options"]["label_selector"][
-            "visionserve.io/group"] == spec["groupName"]]
+        placed = [
+            d
+            for d in app["deployments"]
+            if d["ray_actor_options"]["label_selector"]["visionserve.io/group"] == spec["groupName"]
+        ]
         assert grace >= max(d["graceful_shutdown_timeout_s"] for d in placed) + 30
 
 
@@ -345,7 +350,8 @@ def test_head_takes_no_replicas(manifest, serve_cfg):
 
 def test_head_has_at_least_3_5_gib(manifest):
     (container,) = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
-        "containers"]
+        "containers"
+    ]
     assert memory_bytes(container["resources"]["limits"]["memory"]) >= 3.5 * 2**30
 
 
@@ -355,8 +361,7 @@ def test_requests_equal_limits_everywhere(manifest, job_docs):
     for where, pod in _pods(manifest):
         for c in pod["containers"]:
             resources.append((f"{where}/{c['name']}", c["resources"]))
-    resources.append(("job", job_docs[1]["spec"]["template"]["spec"]["containers"][0][
-        "resources"]))
+    resources.append(("job", job_docs[1]["spec"]["template"]["spec"]["containers"][0]["resources"]))
     for where, res in resources:
         assert res["requests"] == res["limits"], where
         assert {"cpu", "memory"} <= set(res["limits"]), where
@@ -376,16 +381,18 @@ def test_ray_start_params_match_the_pods(manifest, cluster):
 
 def test_gpu_group_gets_the_sam_deployments_with_num_gpus(cluster):
     m = _variant(enable_groups=("gpu",))
-    (gpu,) = [g for g in m["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-              if g["groupName"] == "gpu"]
+    (gpu,) = [
+        g for g in m["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu"
+    ]
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == 1
-    deps = {d["name"]: d for d in yaml.safe_load(m["spec"]["serveConfigV2"])[
-        "applications"][0]["deployments"]}
+    deps = {
+        d["name"]: d
+        for d in yaml.safe_load(m["spec"]["serveConfigV2"])["applications"][0]["deployments"]
+    }
     for name, n in cluster["gpu"]["numGpus"].items():
         assert deps[name]["ray_actor_options"]["num_gpus"] == n
-        assert deps[name]["ray_actor_options"]["label_selector"] == {
-            "visionserve.io/group": "gpu"}
+        assert deps[name]["ray_actor_options"]["label_selector"] == {"visionserve.io/group": "gpu"}
     assert "num_gpus" not in deps["cnn-face-detection"]["ray_actor_options"]
 
 
@@ -432,7 +439,8 @@ def test_offline_job_installs_from_a_node_folder(tmp_path):
     cmd = pod["containers"][0]["command"]
     assert cmd[cmd.index("--from") + 1] == "/preload"
     assert {"name": "preload", "hostPath": {"path": "/preload-src", "type": "Directory"}} in (
-        pod["volumes"])
+        pod["volumes"]
+    )
 
 
 def test_ray_pods_mount_the_weights_read_only_and_download_nothing(manifest, job_docs):
@@ -445,10 +453,10 @@ def test_ray_pods_mount_the_weights_read_only_and_download_nothing(manifest, job
         env = {e["name"]: e.get("value") for e in ray["env"]}
         assert env["MODEL_DIR"] == "/models"
         assert env[gen.REQUIRE_WEIGHTS_ENV] == "1"
-        assert ray["volumeMounts"] == [{"name": "models", "mountPath": "/models",
-                                        "readOnly": True}]
-        assert pod["volumes"] == [{"name": "models", "persistentVolumeClaim": {
-            "claimName": claim, "readOnly": True}}]
+        assert ray["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
+        assert pod["volumes"] == [
+            {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        ]
 
 
 def test_missing_weights_fail_the_health_check_only_when_required(tmp_path, monkeypatch):
@@ -485,7 +493,8 @@ def test_image_tag_is_derived_from_the_locks(manifest, job_docs):
     for _, pod in _pods(manifest):
         assert pod["containers"][0]["image"] == f"visionserve:{tag}"
     assert job_docs[1]["spec"]["template"]["spec"]["containers"][0]["image"] == (
-        f"visionserve:{tag}")
+        f"visionserve:{tag}"
+    )
     assert re.fullmatch(r"src-[0-9a-f]{12}", gen.image_tag("source"))
 
 
@@ -525,10 +534,12 @@ def test_dockerfile_installs_from_the_locks_on_a_pinned_base():
 
 
 # -- the minikube profile --------------------------------------------------------------------
-def test_minikube_profile_fits_its_budget_and_caps_max_replicas(minikube_manifest, manifest,
-                                                                cluster):
-    groups = {g["groupName"]: g for g in minikube_manifest["spec"]["rayClusterConfig"][
-        "workerGroupSpecs"]}
+def test_minikube_profile_fits_its_budget_and_caps_max_replicas(
+    minikube_manifest, manifest, cluster
+):
+    groups = {
+        g["groupName"]: g for g in minikube_manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    }
     full = {g["groupName"]: g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     for name, g in groups.items():
         assert g["minReplicas"] <= g["maxReplicas"] <= full[name]["maxReplicas"]
@@ -551,11 +562,13 @@ def test_minikube_profile_fits_its_budget_and_caps_max_replicas(minikube_manifes
     for g in mk_cluster["workerGroups"]:
         if g["name"] in groups:
             g["maxReplicas"] = groups[g["name"]]["maxReplicas"]
-    sizing.pack(reps, sizing.placement(mk_cluster, reps, sizing.groups(mk_cluster)),
-                "max_replicas")
+    sizing.pack(reps, sizing.placement(mk_cluster, reps, sizing.groups(mk_cluster)), "max_replicas")
     out = subprocess.run(
         [sys.executable, "-m", "kuberay.generate", "--print-minikube-size"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert [int(x) for x in out] == [cpus, mib]
 
@@ -575,17 +588,26 @@ def test_minikube_script_passes_shellcheck():
 def _dry_run(tmp_path: Path, *args: str, env: dict | None = None):
     # No minikube, helm, docker here: --dry-run must still print the whole sequence.
     base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
-    return subprocess.run(["bash", str(SCRIPT), "--dry-run", *args], env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_minikube_dry_run_prints_every_step_in_order(tmp_path):
     result = _dry_run(tmp_path, "up", env={"VISIONSERVE_API_KEY": "k"})
     assert result.returncode == 0, result.stdout + result.stderr
     calls = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
-    cpus, mib = (subprocess.run([sys.executable, "-m", "kuberay.generate",
-                                 "--print-minikube-size"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.split())
+    cpus, mib = subprocess.run(
+        [sys.executable, "-m", "kuberay.generate", "--print-minikube-size"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     tag = gen.image_tag("source")
     expected = [
         f"minikube start -p visionserve --driver=docker --cpus={cpus} --memory={mib}mb",
@@ -594,8 +616,7 @@ def test_minikube_dry_run_prints_every_step_in_order(tmp_path):
         f"minikube -p visionserve image build -t visionserve:{tag} -f kuberay/Dockerfile .",
         "kubectl --context visionserve delete job visionserve-fetch-models",
         "kubectl --context visionserve apply -f ",
-        "kubectl --context visionserve wait --for=condition=complete "
-        "job/visionserve-fetch-models",
+        "kubectl --context visionserve wait --for=condition=complete job/visionserve-fetch-models",
         "kubectl --context visionserve create secret generic visionserve-api-key",
         "kubectl --context visionserve apply -f ",
         "kubectl --context visionserve get rayservice visionserve",
@@ -624,9 +645,13 @@ def test_minikube_checks_prerequisites_before_building(tmp_path):
     fake = tmp_path / "repo"
     (fake / "kuberay").mkdir(parents=True)
     shutil.copy(SCRIPT, fake / "kuberay" / "minikube.sh")
-    result = subprocess.run(["bash", str(fake / "kuberay" / "minikube.sh"), "--dry-run", "up"],
-                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(fake / "kuberay" / "minikube.sh"), "--dry-run", "up"],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "make setup" in result.stderr and "stale" not in result.stderr
     assert "minikube start" not in result.stdout and "image build" not in result.stdout
@@ -634,11 +659,13 @@ def test_minikube_checks_prerequisites_before_building(tmp_path):
 
 def test_minikube_tells_a_stale_manifest_from_an_import_error(tmp_path):
     fake = tmp_path / "repo"
-    shutil.copytree(REPO / "kuberay", fake / "kuberay",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "kuberay", fake / "kuberay", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copytree(REPO / "config", fake / "config")
-    shutil.copytree(REPO / "serve_app", fake / "serve_app",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "serve_app", fake / "serve_app", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (fake / ".venv").symlink_to(REPO / ".venv")
     (fake / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
@@ -681,19 +708,34 @@ def test_minikube_up_runs_against_stand_in_tools(tmp_path):
         (bin_dir / tool).write_text(_STUB)
         (bin_dir / tool).chmod(0o755)
     log = tmp_path / "calls.log"
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "HOME": str(tmp_path),
-           "TMPDIR": str(tmp_path), "WAIT_S": "30"}
-    result = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "STUB_LOG": str(log),
+        "HOME": str(tmp_path),
+        "TMPDIR": str(tmp_path),
+        "WAIT_S": "30",
+    }
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     calls = log.read_text().splitlines()
-    cpus, mib = (int(x) for x in subprocess.run(
-        [sys.executable, "-m", "kuberay.generate", "--print-minikube-size"], cwd=REPO,
-        capture_output=True, text=True, check=True).stdout.split())
+    cpus, mib = (
+        int(x)
+        for x in subprocess.run(
+            [sys.executable, "-m", "kuberay.generate", "--print-minikube-size"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    )
     start = next(c for c in calls if c.startswith("minikube start"))
-    assert start == (f"minikube start -p visionserve --driver=docker --cpus={cpus} "
-                     f"--memory={mib}mb --extra-config=kubelet.system-reserved="
-                     f"cpu={(16 - cpus) * 1000}m,memory={65536 - mib}Mi")
+    assert start == (
+        f"minikube start -p visionserve --driver=docker --cpus={cpus} "
+        f"--memory={mib}mb --extra-config=kubelet.system-reserved="
+        f"cpu={(16 - cpus) * 1000}m,memory={65536 - mib}Mi"
+    )
     context = set(Path(f"{log}.context").read_text().split())
     assert context - {"README.md"} == {".dockerignore", "kuberay", "pyproject.toml", "serve_app"}
     health = next(i for i, c in enumerate(calls) if c.startswith("curl") and "/healthz" in c)
@@ -712,9 +754,12 @@ def test_serve_downscale_tie_reproduction():
     when a Ray upgrade changes that: then the docs' note can go."""
     from kuberay.downscale_tie import reproduce
 
-    assert reproduce() == {"stopped": ["detector-1", "detector-3", "detector-4"],
-                           "kept": ["detector-2"], "kept_on": ["C"],
-                           "nodes_still_busy": ["A", "B", "C"]}
+    assert reproduce() == {
+        "stopped": ["detector-1", "detector-3", "detector-4"],
+        "kept": ["detector-2"],
+        "kept_on": ["C"],
+        "nodes_still_busy": ["A", "B", "C"],
+    }
 
 
 def test_a_new_detector_needs_no_line_in_the_cluster_overlay(cluster, serve_cfg):
@@ -725,10 +770,14 @@ def test_a_new_detector_needs_no_line_in_the_cluster_overlay(cluster, serve_cfg)
     for name in ("yunet-face-detection", "face-detect-pigo"):
         assert name not in (cluster.get("placement") or {})
         assert name not in cluster["serve"]["deployments"]
-    merged = {d["name"]: d for d in cluster_serve_config(laptop, cluster)["applications"][0]
-              ["deployments"]}
+    merged = {
+        d["name"]: d
+        for d in cluster_serve_config(laptop, cluster)["applications"][0]["deployments"]
+    }
     detector = merged["yunet-face-detection"]["ray_actor_options"]
-    assert detector["num_cpus"] == cluster["serve"]["byKind"]["detector"]["ray_actor_options"][
-        "num_cpus"]
+    assert (
+        detector["num_cpus"]
+        == cluster["serve"]["byKind"]["detector"]["ray_actor_options"]["num_cpus"]
+    )
     assert detector["label_selector"] == {"visionserve.io/group": "cpu"}
     assert merged["yunet-face-detection"]["graceful_shutdown_timeout_s"] >= 30

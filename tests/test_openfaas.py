@@ -40,8 +40,16 @@ from serve_app.inputs.fetch import post_url
 from serve_app.job import Job
 
 NAMESPACE = "openfaas-fn"
-FUNCTION_KEYS = {"name", "image", "invocationCount", "replicas", "availableReplicas",
-                 "namespace", "labels", "annotations"}  # + createdAt when known
+FUNCTION_KEYS = {
+    "name",
+    "image",
+    "invocationCount",
+    "replicas",
+    "availableReplicas",
+    "namespace",
+    "labels",
+    "annotations",
+}  # + createdAt when known
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 CALLBACK_WAIT_S = 90
 
@@ -99,8 +107,9 @@ class FaasCli:
         parts = urlsplit(gateway)
         self.host, self.port = parts.hostname, parts.port
 
-    def send(self, method: str, path: str, headers: list[tuple[str, str]],
-             body: bytes | None = None) -> Reply:
+    def send(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None = None
+    ) -> Reply:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
         try:
             conn.putrequest(method, path, skip_accept_encoding=True)
@@ -130,9 +139,17 @@ class FaasCli:
     def version(self) -> Reply:
         return self.send("GET", "/system/info", [("Authorization", "Bearer")])
 
-    def invoke(self, name: str, body: bytes, *, is_async: bool = False,
-               namespace: str = NAMESPACE, query: dict[str, str] | None = None,
-               headers: list[tuple[str, str]] = (), content_type: str = "text/plain") -> Reply:
+    def invoke(
+        self,
+        name: str,
+        body: bytes,
+        *,
+        is_async: bool = False,
+        namespace: str = NAMESPACE,
+        query: dict[str, str] | None = None,
+        headers: list[tuple[str, str]] = (),
+        content_type: str = "text/plain",
+    ) -> Reply:
         route = "async-function" if is_async else "function"
         path = f"/{route}/{name}.{namespace}" + (f"?{urlencode(query)}" if query else "")
         return self.send("POST", path, [("Content-Type", content_type), *headers], body)
@@ -151,8 +168,14 @@ class Receiver:
 
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.calls.put({"path": self.path, "headers": dict(self.headers.items()),
-                                 "body": body, "at": time.monotonic()})
+                outer.calls.put(
+                    {
+                        "path": self.path,
+                        "headers": dict(self.headers.items()),
+                        "body": body,
+                        "at": time.monotonic(),
+                    }
+                )
                 status = outer.answers.pop(0) if outer.answers else 200
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -164,8 +187,9 @@ class Receiver:
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://{host}:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                         daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        ).start()
 
     def wait(self, timeout: float = CALLBACK_WAIT_S) -> dict[str, Any]:
         try:
@@ -198,8 +222,9 @@ def test_function_status_has_go_types():
     assert (item["replicas"], item["availableReplicas"], item["invocationCount"]) == (2, 1, 7)
     assert item["createdAt"] == "2023-11-14T22:13:20Z"
     # A disabled model is listed like a function scaled to zero; no deploy time, no key.
-    off = openfaas.function_status("sam-vit-h", ModelSettings(enabled=False),
-                                   openfaas.AppState(None, {}), 0)
+    off = openfaas.function_status(
+        "sam-vit-h", ModelSettings(enabled=False), openfaas.AppState(None, {}), 0
+    )
     assert_function_status(off)
     assert "createdAt" not in off and off["replicas"] == off["availableReplicas"] == 0
     assert off["annotations"]["visionserve.enabled"] == "false"
@@ -216,7 +241,9 @@ def test_system_info_shape():
 
 def test_function_names():
     assert openfaas.split_function_name("face-detect-pigo.openfaas-fn") == (
-        "face-detect-pigo", "openfaas-fn")
+        "face-detect-pigo",
+        "openfaas-fn",
+    )
     assert openfaas.split_function_name("sam-mobile") == ("sam-mobile", None)
 
 
@@ -229,13 +256,22 @@ def test_every_route_is_declared_in_the_router():
         for node in ast.walk(ast.parse(path.read_text())):
             for dec in getattr(node, "decorator_list", []):
                 func = dec.func if isinstance(dec, ast.Call) else dec
-                if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
-                        and func.value.id == "api"
-                        and func.attr in ("get", "post", "put", "delete", "api_route")):
+                if (
+                    isinstance(func, ast.Attribute)
+                    and isinstance(func.value, ast.Name)
+                    and func.value.id == "api"
+                    and func.attr in ("get", "post", "put", "delete", "api_route")
+                ):
                     declared.setdefault(path.name, []).append(dec.args[0].value)
     assert set(declared) == {"router.py"}, declared
-    for route in ("/function/{name}", "/async-function/{name}", "/system/functions",
-                  "/system/function/{name}", "/system/namespaces", "/system/info"):
+    for route in (
+        "/function/{name}",
+        "/async-function/{name}",
+        "/system/functions",
+        "/system/function/{name}",
+        "/system/namespaces",
+        "/system/info",
+    ):
         assert route in declared["router.py"]
     # openfaas.py is a library: importing it builds no app and registers no middleware.
     code = (
@@ -243,8 +279,9 @@ def test_every_route_is_declared_in_the_router():
         "import serve_app.openfaas\n"
         "assert 'serve_app.api' not in sys.modules and 'serve_app.router' not in sys.modules\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -253,8 +290,11 @@ def test_middleware_is_registered_in_api_py():
     from serve_app.api import api
 
     # Outermost first: the observer sees every answer, the API key's 401s included.
-    assert [m.cls for m in api.user_middleware] == [RequestObserver, openfaas.InvocationCounter,
-                                                     ApiKeyMiddleware]
+    assert [m.cls for m in api.user_middleware] == [
+        RequestObserver,
+        openfaas.InvocationCounter,
+        ApiKeyMiddleware,
+    ]
 
 
 def test_invocation_counter_counts_answers_not_refusals():
@@ -273,18 +313,26 @@ def test_invocation_counter_counts_answers_not_refusals():
     @app.exception_handler(ServiceError)
     async def _err(_: Request, err: ServiceError):
         from fastapi.responses import JSONResponse
+
         return JSONResponse(err.body(), status_code=err.status)
 
     before = openfaas.INVOCATIONS["face-detect-opencv"]
     auth = {"Authorization": "Bearer k"}
     with TestClient(app) as client:
-        assert client.post("/function/face-detect-opencv.openfaas-fn", headers=auth).status_code \
-            == 200
-        assert client.post("/function/face-detect-opencv", content=b"bad",
-                           headers=auth).status_code == 400
+        assert (
+            client.post("/function/face-detect-opencv.openfaas-fn", headers=auth).status_code == 200
+        )
+        assert (
+            client.post("/function/face-detect-opencv", content=b"bad", headers=auth).status_code
+            == 400
+        )
         assert client.post("/function/face-detect-opencv").status_code == 401
-        assert client.post("/function/face-detect-opencv",
-                           headers={"Authorization": "Bearer"}).status_code == 401
+        assert (
+            client.post(
+                "/function/face-detect-opencv", headers={"Authorization": "Bearer"}
+            ).status_code
+            == 401
+        )
         assert client.post("/function/not-a-model", headers=auth).status_code == 200
         assert client.get("/function/face-detect-opencv", headers=auth).status_code == 405
     assert openfaas.INVOCATIONS["face-detect-opencv"] == before + 2
@@ -293,14 +341,18 @@ def test_invocation_counter_counts_answers_not_refusals():
 
 def test_post_url_keeps_the_fetch_rules(local_receiver):
     url = f"{local_receiver.url}/cb?x=1"
-    post = {"headers": {"X-Call-Id": "abc", "Host": "evil.example"}, "connect_timeout_s": 2,
-            "read_timeout_s": 2}
+    post = {
+        "headers": {"X-Call-Id": "abc", "Host": "evil.example"},
+        "connect_timeout_s": 2,
+        "read_timeout_s": 2,
+    }
     with pytest.raises(ServiceError) as err:  # loopback without an allowlist entry
         asyncio.run(post_url(url, b"body", **post))
     assert err.value.code == "fetch_refused"
     with pytest.raises(ServiceError) as err:
-        asyncio.run(post_url("http://169.254.169.254/", b"", allow_hosts=["169.254.0.0/16"],
-                             **post))
+        asyncio.run(
+            post_url("http://169.254.169.254/", b"", allow_hosts=["169.254.0.0/16"], **post)
+        )
     assert err.value.code == "fetch_refused"
     assert local_receiver.calls.empty()
 
@@ -314,11 +366,13 @@ def test_post_url_keeps_the_fetch_rules(local_receiver):
 
 def test_check_url_refuses_before_any_connection():
     asyncio.run(check_url("http://127.0.0.1:9/cb", allow_hosts=["127.0.0.1"]))
-    for url, code in [("http://127.0.0.1:9/cb", "fetch_refused"),
-                      ("http://[::1]:9/", "fetch_refused"),
-                      ("http://10.1.2.3/", "fetch_refused"),
-                      ("http://user:pw@127.0.0.1/", "bad_url"),
-                      ("ftp://example.com/", "bad_url")]:
+    for url, code in [
+        ("http://127.0.0.1:9/cb", "fetch_refused"),
+        ("http://[::1]:9/", "fetch_refused"),
+        ("http://10.1.2.3/", "fetch_refused"),
+        ("http://user:pw@127.0.0.1/", "bad_url"),
+        ("ftp://example.com/", "bad_url"),
+    ]:
         with pytest.raises(ServiceError) as err:
             asyncio.run(check_url(url))
         assert err.value.code == code, url
@@ -333,15 +387,19 @@ def _job(url: str, **fields: Any) -> Job:
 
 
 def _settings(retries: int = 2) -> AppSettings:
-    return AppSettings(fetch_allow_hosts=["127.0.0.1"],
-                       jobs={"callback_retries": retries, "callback_timeout_s": 2})
+    return AppSettings(
+        fetch_allow_hosts=["127.0.0.1"], jobs={"callback_retries": retries, "callback_timeout_s": 2}
+    )
 
 
 def test_callback_retries_server_errors_then_delivers(local_receiver, monkeypatch):
     monkeypatch.setattr(callbacks, "BACKOFF_S", 0.01)
     local_receiver.answers = [500, 503]
-    job = _job(f"{local_receiver.url}/cb", status="done",
-               result={"image": b"\xff\xd8jpeg", "media_type": "image/jpeg", "count": 1})
+    job = _job(
+        f"{local_receiver.url}/cb",
+        status="done",
+        result={"image": b"\xff\xd8jpeg", "media_type": "image/jpeg", "count": 1},
+    )
     assert asyncio.run(callbacks.post_callback(job, _settings())) == "delivered"
     calls = [local_receiver.wait(5) for _ in range(3)]
     assert local_receiver.calls.empty()
@@ -349,15 +407,19 @@ def test_callback_retries_server_errors_then_delivers(local_receiver, monkeypatc
         h = call["headers"]
         assert call["body"] == b"\xff\xd8jpeg"
         assert (h["Content-Type"], h["X-Call-Id"], h["X-Function-Status"]) == (
-            "image/jpeg", "call-1", "200")
+            "image/jpeg",
+            "call-1",
+            "200",
+        )
         assert h["X-Duration-Seconds"] == "1.500000" and h["X-Count"] == "1"
 
 
 def test_callback_gives_up_after_the_retries(local_receiver, monkeypatch):
     monkeypatch.setattr(callbacks, "BACKOFF_S", 0.01)
     local_receiver.answers = [500, 500, 500]
-    job = _job(f"{local_receiver.url}/cb", status="done", result={"image_base64": "QUJD"},
-               output="base64")
+    job = _job(
+        f"{local_receiver.url}/cb", status="done", result={"image_base64": "QUJD"}, output="base64"
+    )
     status = asyncio.run(callbacks.post_callback(job, _settings(retries=2)))
     assert status.startswith("failed:") and "HTTP 500" in status and "3 attempts" in status
     calls = [local_receiver.wait(5) for _ in range(3)]
@@ -368,8 +430,11 @@ def test_callback_gives_up_after_the_retries(local_receiver, monkeypatch):
 def test_callback_does_not_retry_a_refusal(local_receiver, monkeypatch):
     monkeypatch.setattr(callbacks, "BACKOFF_S", 0.01)
     local_receiver.answers = [400]
-    job = _job(f"{local_receiver.url}/cb", status="failed",
-               error={"error": "bad_parameter", "detail": "no", "status": 422})
+    job = _job(
+        f"{local_receiver.url}/cb",
+        status="failed",
+        error={"error": "bad_parameter", "detail": "no", "status": 422},
+    )
     status = asyncio.run(callbacks.post_callback(job, _settings()))
     assert status.startswith("failed:") and "1 attempt)" in status
     call = local_receiver.wait(5)
@@ -383,8 +448,12 @@ def test_callback_does_not_retry_a_refusal(local_receiver, monkeypatch):
 
 
 def test_callback_timeout_error_is_504():
-    assert callbacks.callback_response(_job("x", status="failed",
-                                            error={"error": "timeout", "detail": "slow"}))[0] == 504
+    assert (
+        callbacks.callback_response(
+            _job("x", status="failed", error={"error": "timeout", "detail": "slow"})
+        )[0]
+        == 504
+    )
 
 
 # --------------------------------------------------------------------------- through Serve
@@ -508,8 +577,12 @@ def finished(view: dict[str, Any]) -> bool:
 
 def test_async_invoke_calls_back_with_the_result(cli, service, sample, receiver):
     before = functions(cli)["face-detect-pigo"]["invocationCount"]
-    r = cli.invoke("face-detect-pigo", sample, is_async=True,
-                   headers=[("X-Callback-Url", f"{receiver.url}/done?tag=1")])
+    r = cli.invoke(
+        "face-detect-pigo",
+        sample,
+        is_async=True,
+        headers=[("X-Callback-Url", f"{receiver.url}/done?tag=1")],
+    )
     assert r.status == 202, r.body
     call_id = r.headers["x-call-id"]
     assert call_id and r.json()["id"] == call_id
@@ -531,8 +604,13 @@ def test_async_invoke_calls_back_with_the_result(cli, service, sample, receiver)
 
 
 def test_async_failure_calls_back_with_the_error(cli, service, sample, receiver):
-    r = cli.invoke("cnn-face-detection", sample, is_async=True, query={"confidence": "7"},
-                   headers=[("X-Callback-Url", f"{receiver.url}/failed")])
+    r = cli.invoke(
+        "cnn-face-detection",
+        sample,
+        is_async=True,
+        query={"confidence": "7"},
+        headers=[("X-Callback-Url", f"{receiver.url}/failed")],
+    )
     assert r.status == 202, r.body
     call = receiver.wait()
     assert call["headers"]["X-Call-Id"] == r.headers["x-call-id"]
@@ -554,14 +632,17 @@ def test_async_without_callback_is_a_pollable_job(cli, service, sample):
     assert decode(base64.b64decode(result.content)).shape == (400, 320, 3)
 
 
-@pytest.mark.parametrize("callback", [
-    "http://127.0.0.1:9/cb",  # loopback, not allowlisted
-    "http://localhost:9/cb",
-    "http://169.254.169.254/latest/meta-data/",
-    "http://10.0.0.1/cb",
-    "ftp://127.0.0.2/cb",
-    "not a url",
-])
+@pytest.mark.parametrize(
+    "callback",
+    [
+        "http://127.0.0.1:9/cb",  # loopback, not allowlisted
+        "http://localhost:9/cb",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/cb",
+        "ftp://127.0.0.2/cb",
+        "not a url",
+    ],
+)
 def test_async_refuses_a_callback_before_any_work(cli, service, sample, callback):
     from ray import serve
 
@@ -569,8 +650,9 @@ def test_async_refuses_a_callback_before_any_work(cli, service, sample, callback
     table = serve.get_deployment_handle("jobs", "visionserve")
     jobs = table.stats.remote().result(timeout_s=30)["jobs"]
     for body in (sample, b""):  # the URL is judged before the body is even read
-        r = cli.invoke("face-detect-pigo", body, is_async=True,
-                       headers=[("X-Callback-Url", callback)])
+        r = cli.invoke(
+            "face-detect-pigo", body, is_async=True, headers=[("X-Callback-Url", callback)]
+        )
         assert r.status == 400, r.body
         assert r.json()["error"] in ("callback_refused", "bad_callback_url")
         assert "x-call-id" not in r.headers
@@ -578,15 +660,17 @@ def test_async_refuses_a_callback_before_any_work(cli, service, sample, callback
 
 
 def test_async_unknown_function(cli, sample, receiver):
-    r = cli.invoke("no-such-function", sample, is_async=True,
-                   headers=[("X-Callback-Url", f"{receiver.url}/x")])
+    r = cli.invoke(
+        "no-such-function", sample, is_async=True, headers=[("X-Callback-Url", f"{receiver.url}/x")]
+    )
     assert r.status == 404 and r.json()["error"] == "unknown_model"
 
 
 def test_async_refuses_a_model_without_weights_at_once(cli, sample, receiver):
     """As /v1/jobs does: 503 now, not a 202 followed by a failed callback."""
-    r = cli.invoke("sam-vit-h", sample, is_async=True,
-                   headers=[("X-Callback-Url", f"{receiver.url}/x")])
+    r = cli.invoke(
+        "sam-vit-h", sample, is_async=True, headers=[("X-Callback-Url", f"{receiver.url}/x")]
+    )
     assert r.status == 503 and r.json()["error"] == "weights_missing", r.body
     assert "x-call-id" not in r.headers and r.headers.get("retry-after")
     time.sleep(0.5)
@@ -598,12 +682,12 @@ def test_async_segmentation_calls_back_with_the_overlay(cli, service, sample, re
     import httpx
 
     name = "sam-segmentation-light"
-    models = {m["name"]: m for m in httpx.get(f"{service['url']}/v1/models",
-                                              timeout=60).json()["models"]}
+    models = {
+        m["name"]: m for m in httpx.get(f"{service['url']}/v1/models", timeout=60).json()["models"]
+    }
     if models.get(name, {}).get("status") != "ready":
         pytest.skip(f"{name} is not ready in the test service")
-    r = cli.invoke(name, sample, is_async=True,
-                   headers=[("X-Callback-Url", f"{receiver.url}/sam")])
+    r = cli.invoke(name, sample, is_async=True, headers=[("X-Callback-Url", f"{receiver.url}/sam")])
     assert r.status == 202, r.body
     call = receiver.wait(300)
     assert call["headers"]["X-Call-Id"] == r.headers["x-call-id"]

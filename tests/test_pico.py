@@ -26,8 +26,10 @@ PICO = DATA / "pico"
 REFERENCE = PICO / "reference_detections.json"
 
 if not REFERENCE.is_file():
-    pytest.skip(f"pigo reference data not found at {PICO} (shared/ is beside the repo root)",
-                allow_module_level=True)
+    pytest.skip(
+        f"pigo reference data not found at {PICO} (shared/ is beside the repo root)",
+        allow_module_level=True,
+    )
 
 REF = json.loads(REFERENCE.read_text())
 IMAGES = sorted(REF["results"])
@@ -120,8 +122,10 @@ def test_params_match_reference() -> None:
     for key, params in SETS.items():
         ref = REF["params"][key]
         assert (params.min_size, params.max_size) == (ref["minSize"], ref["maxSize"])
-        assert (params.shift_factor, params.scale_factor) == (ref["shiftFactor"],
-                                                              ref["scaleFactor"])
+        assert (params.shift_factor, params.scale_factor) == (
+            ref["shiftFactor"],
+            ref["scaleFactor"],
+        )
         assert params.iou_threshold == ref["iouThreshold"]
         assert params.q_threshold == ref["qThreshold"]
     assert PicoParams() == STORE_PARAMS
@@ -145,8 +149,9 @@ def test_parity_with_pigo(image: str, pset: str) -> None:
     if not kept.size:
         return  # detect() would rerun the scan for nothing; the faces are the kept clusters
     faces = cascade().detect(reference_gray(image), SETS[pset])
-    assert [(f.x + f.w // 2, f.y + f.h // 2, f.w) for f in faces] == \
-        [(e["col"], e["row"], e["scale"]) for e in ref[f"{pset}_kept"]]
+    assert [(f.x + f.w // 2, f.y + f.h // 2, f.w) for f in faces] == [
+        (e["col"], e["row"], e["scale"]) for e in ref[f"{pset}_kept"]
+    ]
 
 
 @pytest.mark.parametrize("image", PNGS)
@@ -224,12 +229,18 @@ def test_small_and_empty_images() -> None:
 
 def test_loader_rejects_bad_cascades() -> None:
     good = (PICO / "facefinder").read_bytes()
-    for bad in (b"", good[:15], good[:-1], good + b"\0", b"\x00" * 16,
-                np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes()):
+    for bad in (
+        b"",
+        good[:15],
+        good[:-1],
+        good + b"\0",
+        b"\x00" * 16,
+        np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes(),
+    ):
         with pytest.raises(ValueError, match="not a pico cascade"):
             PicoCascade.from_bytes(bad)
     nan_threshold = bytearray(good)
-    nan_threshold[16 + 4 * 63 + 4 * 64: 16 + 4 * 63 + 4 * 64 + 4] = b"\x00\x00\xc0\x7f"
+    nan_threshold[16 + 4 * 63 + 4 * 64 : 16 + 4 * 63 + 4 * 64 + 4] = b"\x00\x00\xc0\x7f"
     with pytest.raises(ValueError, match="non-finite"):
         PicoCascade.from_bytes(bytes(nan_threshold))
     casc = PicoCascade.from_bytes(good)

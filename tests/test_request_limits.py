@@ -15,7 +15,8 @@ from serve_app.inputs import request as request_mod
 from serve_app.inputs.request import MAX_JSON_TOKENS, parse_image_request
 
 ONE_PX_PNG_B64 = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
 
 
@@ -30,8 +31,7 @@ def make_request(body: bytes, ctype: str = "application/json") -> Request:
         return {"type": "http.request", "body": body, "more_body": False}
 
     headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
-    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"",
-             "headers": headers}
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": headers}
     return Request(scope, receive)
 
 
@@ -39,10 +39,21 @@ async def no_fetch(url: str) -> bytes:
     raise AssertionError("no fetch expected")
 
 
-def parse(body: bytes, *, max_bytes: int = 50 * 2**20, max_json_bytes: int = 2**20,
-          ctype: str = "application/json"):
-    return asyncio.run(parse_image_request(make_request(body, ctype), max_bytes=max_bytes,
-                                           fetch=no_fetch, max_json_bytes=max_json_bytes))
+def parse(
+    body: bytes,
+    *,
+    max_bytes: int = 50 * 2**20,
+    max_json_bytes: int = 2**20,
+    ctype: str = "application/json",
+):
+    return asyncio.run(
+        parse_image_request(
+            make_request(body, ctype),
+            max_bytes=max_bytes,
+            fetch=no_fetch,
+            max_json_bytes=max_json_bytes,
+        )
+    )
 
 
 def test_json_has_its_own_smaller_cap() -> None:
@@ -57,8 +68,9 @@ def test_json_has_its_own_smaller_cap() -> None:
 def test_json_of_too_many_values_is_refused_before_parsing(monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(request_mod, "load_json", lambda body: calls.append(1))
-    body = json.dumps({"image_base64": ONE_PX_PNG_B64,
-                       "points": [[1, 2]] * (MAX_JSON_TOKENS // 2)}).encode()
+    body = json.dumps(
+        {"image_base64": ONE_PX_PNG_B64, "points": [[1, 2]] * (MAX_JSON_TOKENS // 2)}
+    ).encode()
     with pytest.raises(ServiceError) as exc:
         parse(body)
     assert (exc.value.status, exc.value.code) == (413, "too_many_json_values")
@@ -96,8 +108,9 @@ def test_the_parse_runs_off_the_event_loop(monkeypatch) -> None:
             release.set()
 
         async def big() -> None:
-            await parse_image_request(make_request(body), max_bytes=2**20, fetch=no_fetch,
-                                      max_json_bytes=2**20)
+            await parse_image_request(
+                make_request(body), max_bytes=2**20, fetch=no_fetch, max_json_bytes=2**20
+            )
             order.append("parsed")
 
         await asyncio.wait_for(asyncio.gather(big(), other_request()), 20)

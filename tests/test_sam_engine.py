@@ -388,9 +388,7 @@ def _never_near_edge(boxes, crop_box, orig_box, atol=20.0):
 
 
 def _no_crop_edge_filter(mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(
-        "segment_anything.automatic_mask_generator.is_box_near_crop_edge", _never_near_edge
-    )
+    mp.setattr("segment_anything.automatic_mask_generator.is_box_near_crop_edge", _never_near_edge)
     mp.setattr("serve_app.models.sam.amg.is_box_near_crop_edge", _never_near_edge)
 
 

@@ -14,8 +14,13 @@ from helpers import shared_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 SAM_LIGHT = "sam-segmentation-light"  # tiny random-weight ViT in the test service
 RUN_TIMEOUT_MS = 90_000
@@ -28,8 +33,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                     headless=True)
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
         yield browser
         browser.close()
 
@@ -58,10 +64,10 @@ def page(browser, service):
 def sample() -> Path:
     return shared_file("images", "pigo_sample.jpg")
 
+
 def run_and_wait(page, expect: str = "done") -> None:
     page.click("#run")
-    page.wait_for_selector("body[data-state=done], body[data-state=error]",
-                           timeout=RUN_TIMEOUT_MS)
+    page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=RUN_TIMEOUT_MS)
     state = page.get_attribute("body", "data-state")
     assert state == expect, page.text_content("#error")
 
@@ -119,8 +125,7 @@ def test_url_input_is_fetched_by_the_service(page, image_server):
     page.select_option("#model", "face-detect-pigo")
     page.fill("#image-url", f"{image_server}/pigo_sample.jpg")
     page.press("#image-url", "Enter")  # submits the form, like clicking Run
-    page.wait_for_selector("body[data-state=done], body[data-state=error]",
-                           timeout=RUN_TIMEOUT_MS)
+    page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=RUN_TIMEOUT_MS)
     assert page.get_attribute("body", "data-state") == "done", page.text_content("#error")
     assert page.locator("#items li").count() == 1
     assert page.eval_on_selector("#result-image", "img => img.naturalWidth") == 320
@@ -129,8 +134,9 @@ def test_url_input_is_fetched_by_the_service(page, image_server):
     runs = [u.rsplit("?", 1)[-1] for u in page.requests if "/v1/detect/" in u]
     assert runs == ["format=json", "format=jpeg"]
     # Chromium logs the refused CORS load of the original: expected here, not a page error.
-    page.console_errors[:] = [e for e in page.console_errors
-                              if "CORS policy" not in e and "ERR_FAILED" not in e]
+    page.console_errors[:] = [
+        e for e in page.console_errors if "CORS policy" not in e and "ERR_FAILED" not in e
+    ]
 
 
 def test_sam_prompted_by_a_click_then_automatic_with_progress(page, sample, sam_ready):
@@ -148,8 +154,7 @@ def test_sam_prompted_by_a_click_then_automatic_with_progress(page, sample, sam_
     page.fill("#param-points_per_side", "4")
     page.click("#run")
     page.wait_for_selector("#progress-box:not([hidden])")
-    page.wait_for_selector("body[data-state=done], body[data-state=error]",
-                           timeout=RUN_TIMEOUT_MS)
+    page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=RUN_TIMEOUT_MS)
     assert page.get_attribute("body", "data-state") == "done", page.text_content("#error")
     assert "(automatic)" in page.text_content("#summary")
     assert any("/v1/jobs/" in u for u in page.requests)

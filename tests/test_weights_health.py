@@ -28,14 +28,20 @@ def test_missing_weights_keep_the_app_from_running_until_fetched(service, tmp_pa
         pytest.skip(f"{PICO}/facefinder is absent: the shared test data is not here")
     model_dir = tmp_path / "models"  # the weights volume, still empty
     model_dir.mkdir()
-    detector = MODELS["face-detect-pigo"].deployment_class().options(
-        name="face-detect-pigo",
-        health_check_period_s=1,
-        health_check_timeout_s=10,
-        # What kuberay/generate.py sets on the worker pods. A tiny CPU share: the session's
-        # service already holds nearly all of the test Ray's 2 CPUs.
-        ray_actor_options={"num_cpus": 0.01,
-                           "runtime_env": {"env_vars": {REQUIRE_WEIGHTS_ENV: "1"}}},
+    detector = (
+        MODELS["face-detect-pigo"]
+        .deployment_class()
+        .options(
+            name="face-detect-pigo",
+            health_check_period_s=1,
+            health_check_timeout_s=10,
+            # What kuberay/generate.py sets on the worker pods. A tiny CPU share: the session's
+            # service already holds nearly all of the test Ray's 2 CPUs.
+            ray_actor_options={
+                "num_cpus": 0.01,
+                "runtime_env": {"env_vars": {REQUIRE_WEIGHTS_ENV: "1"}},
+            },
+        )
     )
     app = detector.bind("face-detect-pigo", {"weights": "facefinder"}, str(model_dir), 10**6)
     # Not serve.run: it would wait for RUNNING, which is what must not happen yet.

@@ -85,8 +85,7 @@ def test_blame_goes_to_the_parameter_whose_default_saves_most() -> None:
     with pytest.raises(ServiceError) as exc:  # all at default: the image is to blame
         check_work(count, {"a": 9, "b": 9}, {"a": 9, "b": 9}, ("a", "b"), 5, width=1, height=1)
     assert "smaller image" in exc.value.message
-    assert check_work(count, {"a": 1, "b": 2}, {"a": 1, "b": 2}, ("a",), 5, width=1,
-                      height=1) == 2
+    assert check_work(count, {"a": 1, "b": 2}, {"a": 1, "b": 2}, ("a",), 5, width=1, height=1) == 2
 
 
 def cancel_after(dep, data: bytes, params: dict, after_s: float) -> tuple[float, float]:
@@ -142,8 +141,9 @@ def test_haar_scan_in_chunks_finds_what_one_call_finds(haar) -> None:
     old = haar_model.CHUNK_WINDOWS
     haar_model.CHUNK_WINDOWS = 50_000
     try:
-        parts = model.detect(image, scale_factor=1.05, min_size=10, min_neighbors=3,
-                             cancel=threading.Event())
+        parts = model.detect(
+            image, scale_factor=1.05, min_size=10, min_neighbors=3, cancel=threading.Event()
+        )
     finally:
         haar_model.CHUNK_WINDOWS = old
     assert whole and sorted(map(repr, whole)) == sorted(map(repr, parts))

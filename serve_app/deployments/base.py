@@ -117,8 +117,9 @@ def _wait_for(missing: Any, name: str, poll_s: float = 5.0) -> None:
     waited = 0.0
     while files := missing():
         if waited % 60 == 0:
-            log.warning("%s: waiting for weight file(s) %s (the weights Job fills MODEL_DIR)",
-                        name, files)
+            log.warning(
+                "%s: waiting for weight file(s) %s (the weights Job fills MODEL_DIR)", name, files
+            )
         time.sleep(poll_s)
         waited += poll_s
 

@@ -67,7 +67,8 @@ class DetectorDeployment(ModelDeployment):
         self.PARAMS = self.request_params()
         if self.options.test_delay_param:
             self.PARAMS["test_delay_s"] = Param(
-                float, 0.0, 0.0, 600.0, "TESTS ONLY: seconds to hold the model")
+                float, 0.0, 0.0, 600.0, "TESTS ONLY: seconds to hold the model"
+            )
 
     def request_params(self) -> dict[str, Param]:
         return dict(type(self).PARAMS)
@@ -102,7 +103,12 @@ class DetectorDeployment(ModelDeployment):
         return await asyncio.to_thread(detect_each, self._detect, model, images, p, output)
 
     def _detect(
-        self, model, data: bytes, p: dict[str, Any], output: str, filename: str | None,
+        self,
+        model,
+        data: bytes,
+        p: dict[str, Any],
+        output: str,
+        filename: str | None,
         cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
         # In-process callers (benchmarks) have nobody to cancel them.
@@ -201,11 +207,26 @@ class PigoDetector(DetectorDeployment):
         defaults = {k: p.default for k, p in self.PARAMS.items()}
         tunable = ("min_size", "max_size", "shift_factor", "scale_factor")
         o = self.options
-        check_work(lambda q: PicoParams(**q).windows(height, width), params, defaults, tunable,
-                   o.max_windows, width=width, height=height)
-        check_work(lambda q: len(PicoParams(**q).grid(height, width)), params, defaults,
-                   tunable, o.max_scales, width=width, height=height, unit="window sizes",
-                   option="max_scales")
+        check_work(
+            lambda q: PicoParams(**q).windows(height, width),
+            params,
+            defaults,
+            tunable,
+            o.max_windows,
+            width=width,
+            height=height,
+        )
+        check_work(
+            lambda q: len(PicoParams(**q).grid(height, width)),
+            params,
+            defaults,
+            tunable,
+            o.max_scales,
+            width=width,
+            height=height,
+            unit="window sizes",
+            option="max_scales",
+        )
 
     def run(self, model, image_bgr, params, cancel):
         from serve_app.models.pico import PicoParams, to_gray_pigo
@@ -236,8 +257,12 @@ class _HaarBase(DetectorDeployment):
         defaults = {k: p.default for k, p in self.PARAMS.items()}
         check_work(
             lambda q: model.windows(width, height, q["scale_factor"], q["min_size"]),
-            params, defaults, ("scale_factor", "min_size"), self.options.max_windows,
-            width=width, height=height,
+            params,
+            defaults,
+            ("scale_factor", "min_size"),
+            self.options.max_windows,
+            width=width,
+            height=height,
         )
 
     def run(self, model, image_bgr, params, cancel):

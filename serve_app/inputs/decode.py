@@ -34,7 +34,9 @@ def check_opencv_limit(max_pixels: int) -> None:
         log.warning(
             "OpenCV's pixel limit in this process is %d, above limits.max_pixels %d: set "
             "runtime_env.env_vars.%s in config/serve.yaml (the header check still applies)",
-            limit, max_pixels, OPENCV_PIXELS_ENV,
+            limit,
+            max_pixels,
+            OPENCV_PIXELS_ENV,
         )
 
 

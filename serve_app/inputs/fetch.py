@@ -330,9 +330,7 @@ def _refuse_non_image(data: bytes, response: httpx.Response) -> None:
     if info is None or info.format not in ACCEPTED:
         ctype = response.headers.get("content-type", "no Content-Type")
         what = f"a {info.format.upper()} image" if info else f"no image ({ctype})"
-        raise ServiceError(
-            415, "not_an_image", f"the URL returned {what}; send {ACCEPTED_NAMES}"
-        )
+        raise ServiceError(415, "not_an_image", f"the URL returned {what}; send {ACCEPTED_NAMES}")
 
 
 @functools.cache

@@ -220,8 +220,17 @@ def _jpeg(b: bytes | bytearray) -> _Dims:
 
 # TIFF field types libtiff converts to an integer width/height: BYTE, SHORT, LONG, SBYTE,
 # SSHORT, SLONG, LONG8, SLONG8, IFD8 -> (struct code, size).
-_TIFF_INTS = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 6: ("b", 1), 8: ("h", 2), 9: ("i", 4),
-              16: ("Q", 8), 17: ("q", 8), 18: ("Q", 8)}
+_TIFF_INTS = {
+    1: ("B", 1),
+    3: ("H", 2),
+    4: ("I", 4),
+    6: ("b", 1),
+    8: ("h", 2),
+    9: ("i", 4),
+    16: ("Q", 8),
+    17: ("q", 8),
+    18: ("Q", 8),
+}
 
 
 def _tiff(b: bytes | bytearray) -> _Dims:

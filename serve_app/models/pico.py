@@ -128,7 +128,7 @@ def to_gray_pigo(
     index = np.empty((band, cols), np.uint32)
     tmp = np.empty((band, cols), np.uint32)
     for y0 in range(0, rows, band):
-        part = image[y0:y0 + band]
+        part = image[y0 : y0 + band]
         n = part.shape[0]
         idx, t = index[:n], tmp[:n]
         np.left_shift(part[..., r_at], 16, out=idx, dtype=np.uint32)
@@ -136,7 +136,7 @@ def to_gray_pigo(
         idx |= t
         np.copyto(t, part[..., b_at])
         idx |= t
-        np.take(lut, idx, out=out[y0:y0 + n])
+        np.take(lut, idx, out=out[y0 : y0 + n])
     return out
 
 
@@ -170,8 +170,9 @@ def _gray_levels(variant: str) -> np.ndarray:
 class PicoCascade:
     """A parsed pigo cascade: binary trees of pixel-comparison tests with early exits."""
 
-    def __init__(self, depth: int, codes: np.ndarray, preds: np.ndarray,
-                 thresholds: np.ndarray) -> None:
+    def __init__(
+        self, depth: int, codes: np.ndarray, preds: np.ndarray, thresholds: np.ndarray
+    ) -> None:
         # codes[t, n] = (r1, c1, r2, c2) of node n (heap order from 1; node 0 unused) in 1/256
         # of the window side; preds[t, leaf]; a window dies when its running sum after tree t
         # is <= thresholds[t].
@@ -223,7 +224,7 @@ class PicoCascade:
         body = np.frombuffer(data, dtype=np.uint8, offset=_HEADER).reshape(ntrees, tree_size)
         codes = np.zeros((ntrees, leaves, 4), dtype=np.int8)
         codes[:, 1:] = body[:, : 4 * (leaves - 1)].view(np.int8).reshape(ntrees, leaves - 1, 4)
-        floats = body[:, 4 * (leaves - 1):].copy().view("<f4").astype(np.float32)
+        floats = body[:, 4 * (leaves - 1) :].copy().view("<f4").astype(np.float32)
         preds = np.ascontiguousarray(floats[:, :leaves])
         thresholds = np.ascontiguousarray(floats[:, leaves])
         if not (np.isfinite(preds).all() and np.isfinite(thresholds).all()):
@@ -251,8 +252,12 @@ class PicoCascade:
         scales, grids = [], []
         for scale, rr, cc in params.grid(rows, cols):
             scales.append(scale)
-            grids.append(_Grid(np.arange(rr.start, rr.stop, rr.step, dtype=np.intp),
-                               np.arange(cc.start, cc.stop, cc.step, dtype=np.intp)))
+            grids.append(
+                _Grid(
+                    np.arange(rr.start, rr.stop, rr.step, dtype=np.intp),
+                    np.arange(cc.start, cc.stop, cc.step, dtype=np.intp),
+                )
+            )
         if not scales:
             return np.empty(0, DETECTION_DTYPE)
         tables = self._tables(cols, tuple(scales))
@@ -282,10 +287,12 @@ class PicoCascade:
             if assigned[i]:
                 continue
             # pigo's calcIoU, same float64 operations in the same order.
-            over_r = np.maximum(0.0, np.minimum(r[i] + s[i] / 2, r + s / 2)
-                                - np.maximum(r[i] - s[i] / 2, r - s / 2))
-            over_c = np.maximum(0.0, np.minimum(c[i] + s[i] / 2, c + s / 2)
-                                - np.maximum(c[i] - s[i] / 2, c - s / 2))
+            over_r = np.maximum(
+                0.0, np.minimum(r[i] + s[i] / 2, r + s / 2) - np.maximum(r[i] - s[i] / 2, r - s / 2)
+            )
+            over_c = np.maximum(
+                0.0, np.minimum(c[i] + s[i] / 2, c + s / 2) - np.maximum(c[i] - s[i] / 2, c - s / 2)
+            )
             iou = over_r * over_c / (s[i] * s[i] + s * s - over_r * over_c)
             members = np.flatnonzero(iou > iou_threshold)
             if members.size == 0:
@@ -295,9 +302,14 @@ class PicoCascade:
             qsum = np.float32(0.0)
             for m in members:  # sequential float32 sum, as Go does; numpy's sum is pairwise
                 qsum = np.float32(qsum + q[m])
-            clusters.append((int(dets["row"][members].sum()) // n,
-                             int(dets["col"][members].sum()) // n,
-                             int(dets["scale"][members].sum()) // n, qsum))
+            clusters.append(
+                (
+                    int(dets["row"][members].sum()) // n,
+                    int(dets["col"][members].sum()) // n,
+                    int(dets["scale"][members].sum()) // n,
+                    qsum,
+                )
+            )
         return np.array(clusters, dtype=DETECTION_DTYPE)
 
     def detect(
@@ -317,8 +329,13 @@ class PicoCascade:
         # Go compares the float32 q with the constant converted to float32.
         kept = clusters[clusters["q"] > np.float32(params.q_threshold)]
         return [
-            Detection(x=int(d["col"] - d["scale"] // 2), y=int(d["row"] - d["scale"] // 2),
-                      w=int(d["scale"]), h=int(d["scale"]), score=float(d["q"]))
+            Detection(
+                x=int(d["col"] - d["scale"] // 2),
+                y=int(d["row"] - d["scale"] // 2),
+                w=int(d["scale"]),
+                h=int(d["scale"]),
+                score=float(d["q"]),
+            )
             for d in kept
         ]
 
@@ -390,8 +407,19 @@ def _scan(
         k, r0, r1 = task
         grid = grids[k]
         q = np.zeros((r1 - r0, grid.cols.size), np.float32)
-        _scan_rows(flat, cols, grid.rows[r0:r1], grid.cols, tables.off1, tables.off2,
-                   k, c.preds, c.thresholds, c.depth, q)
+        _scan_rows(
+            flat,
+            cols,
+            grid.rows[r0:r1],
+            grid.cols,
+            tables.off1,
+            tables.off2,
+            k,
+            c.preds,
+            c.thresholds,
+            c.depth,
+            q,
+        )
         r, col = np.nonzero(q > 0)  # row-major: pigo's scan order
         dets = np.empty(r.size, DETECTION_DTYPE)
         dets["row"], dets["col"] = grid.rows[r0:r1][r], grid.cols[col]

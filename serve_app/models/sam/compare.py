@@ -113,9 +113,7 @@ def prompted_ious(sam: nn.Module, image_rgb: np.ndarray, side: int = 4) -> dict[
             for p in prompt_grid(h, w, side)
             for r in seg.segment(image_rgb, "image", points=[p], multimask=True)
         ]
-    ious = [
-        iou(a.mask(), b.mask()) for a, b in zip(runs["float32"], runs["bfloat16"], strict=True)
-    ]
+    ious = [iou(a.mask(), b.mask()) for a, b in zip(runs["float32"], runs["bfloat16"], strict=True)]
     return {"prompts": side * side, **iou_stats(ious)}
 
 
