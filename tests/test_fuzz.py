@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -734,6 +735,34 @@ def run_corpus(base_url: str, cases: list[Case], routes: list[str]) -> list[Outc
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# What an error answer must never reveal: process, host and code internals.
+LEAKS = {
+    "pid": re.compile(r"pid=|\bpid\b\s*\d"),
+    "ip=": re.compile(r"\bip="),
+    "ray task": re.compile(r"ray::"),
+    "traceback": re.compile(r"Traceback|File \""),
+    "a filesystem path": re.compile(
+        r"(?<![\w.:/])/(?:home|root|tmp|usr|opt|work|io|proc|etc|var)/"
+    ),
+    "OpenCV source": re.compile(r"\.cpp\b|cv2\.error"),
+}
+IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+
+
+def internals(o: Outcome) -> str | None:
+    """The first kind of internal detail an error body carries, if any. An IP address is a
+    leak unless the caller sent it (a URL of theirs, echoed back)."""
+    text = o.body.decode("utf-8", "replace")
+    for name, pattern in LEAKS.items():
+        if pattern.search(text):
+            return name
+    sent = repr(o.case.request) + repr(o.case.query)
+    for ip in IPV4.findall(text):
+        if ip not in sent:
+            return f"the IP address {ip}"
+    return None
+
+
 def problems(outcomes: list[Outcome]) -> list[str]:
     """What went wrong, one line per case: 5xx, non-JSON errors, wrong verdicts."""
     found = []
@@ -753,6 +782,9 @@ def problems(outcomes: list[Outcome]) -> list[str]:
                 and body["detail"]
             ):
                 found.append(f"{where} not the JSON error shape: {o.body[:200]!r}")
+            leak = internals(o)
+            if leak:
+                found.append(f"{where} error answer reveals {leak}: {o.body[:200]!r}")
         elif o.status == 200:
             if o.case.expect == "error":
                 found.append(f"{where} accepted input that must be refused")
