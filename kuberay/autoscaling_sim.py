@@ -208,7 +208,9 @@ def sim_serve_config(port: int, model_dir: Path, cluster_cfg: dict[str, Any]) ->
     return with_overrides(
         cfg,
         port=port,
-        args={"model_dir": str(model_dir)},
+        # The cluster requires an API key (the RayService's Secret); the local simulation runs
+        # open, on loopback only.
+        args={"model_dir": str(model_dir), "require_api_key": False},
         models={
             **{name: None for name in models if name not in (LOADED, SAM)},
             SAM: {"options": {"variant": "tiny", "random_weights": True}},

@@ -126,7 +126,9 @@ def ray_session(metrics_port):
     temp_dir = tempfile.mkdtemp(prefix="vs-ray-")
     ray.init(
         address="local",
-        num_cpus=2,
+        # Logical CPUs, for placement only (a replica's threads follow its own num_cpus): the
+        # session service takes ~2, and a few tests deploy small apps of their own beside it.
+        num_cpus=4,
         include_dashboard=False,
         _temp_dir=temp_dir,
         namespace="serve",

@@ -205,7 +205,10 @@ def test_models_lists_every_model(service, url):
     configured = service["config"]["applications"][0]["args"]["models"]
     for name in configured:
         assert re.search(rf"^{re.escape(name)}\s+(detector|segmenter)\s", out, re.M), out
-    assert re.search(r"^cnn-face-detection\s+detector\s+ready\s+confidence, draw$", out, re.M), out
+    # test_delay_s: the test config's fixed service time (tests/test_faults.py)
+    assert re.search(
+        r"^cnn-face-detection\s+detector\s+ready\s+confidence, (test_delay_s, )?draw$", out, re.M
+    ), out
 
     r = cli("--url", url, "models", "--json")
     models = {m["name"]: m for m in json.loads(r.stdout)["models"]}
