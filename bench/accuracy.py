@@ -369,23 +369,12 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
 def start_service(model_dir: str | None) -> str:
     """Ray + Serve in this process with the detectors of config/serve.yaml (no SAM), one
     replica each, on a free loopback port; stopped by `stop_service`."""
-    import tempfile
-
-    import ray
 
     from serve_app.config import load_config
-    from serve_app.launch import deploy_config, free_port, with_overrides
+    from serve_app.launch import deploy_config, free_port, start_local_ray, with_overrides
     from serve_app.registry import MODELS
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="vs-accuracy-"),
-        namespace="serve",
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "VISIONSERVE_API_KEY": ""}},
-    )
+    start_local_ray("vs-accuracy-", num_cpus=2)
     cfg = load_config()
     names = list(cfg["applications"][0]["args"]["models"])
     one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}

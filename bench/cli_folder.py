@@ -30,19 +30,11 @@ from serve_app.client.folder import KILL_AFTER_ENV
 
 
 def start(model_dir: Path) -> str:
-    import ray
 
     from serve_app.config import load_config
-    from serve_app.launch import deploy_config, free_port, with_overrides
+    from serve_app.launch import deploy_config, free_port, start_local_ray, with_overrides
 
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="vs-bench-"),
-        namespace="serve",
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
+    start_local_ray("vs-bench-")
     port = free_port()
     others = [n for n in load_config()["applications"][0]["args"]["models"] if n != PIGO]
     small = {

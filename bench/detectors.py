@@ -146,22 +146,14 @@ def start_service(model_dir: Path, threads: int, detectors: tuple[str, ...]) -> 
     Returns the base URL of each app: the proxy's port, or under direct ingress the ingress
     replica's own port.
     """
-    import ray
     from ray.serve._private import api as serve_api
     from ray.serve.config import ProxyLocation
     from ray.serve.schema import ServeDeploySchema
 
     from serve_app.config import load_config, validate_config
-    from serve_app.launch import free_port, wait_running, with_overrides
+    from serve_app.launch import free_port, start_local_ray, wait_running, with_overrides
 
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="vs-bench-"),
-        namespace="serve",
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
+    start_local_ray("vs-bench-")
     port = free_port()
     one = {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},

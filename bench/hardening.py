@@ -100,19 +100,11 @@ def pico_50mp(model_dir: Path, quick: bool) -> dict:
 
 
 def start_service(model_dir: Path) -> str:
-    import ray
 
     from serve_app.config import load_config
-    from serve_app.launch import deploy_config, free_port, with_overrides
+    from serve_app.launch import deploy_config, free_port, start_local_ray, with_overrides
 
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="vs-bench-"),
-        namespace="serve",
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "VISIONSERVE_API_KEY": ""}},
-    )
+    start_local_ray("vs-bench-")
     port = free_port()
     one = {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},

@@ -16,6 +16,27 @@ from serve_app.config import validate_config
 APP_NAME = "visionserve"
 
 
+def start_local_ray(prefix: str = "vs-bench-", *, num_cpus: int | None = None) -> None:
+    """A Ray of its own (own temp dir and ports) for a benchmark or tool; stop it with
+    `ray.shutdown()`, never `ray stop`. Its workers import this checkout, and a key in the
+    caller's shell does not turn the service into 401s."""
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    root = Path(__file__).resolve().parents[1]
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=tempfile.mkdtemp(prefix=prefix),
+        namespace="serve",
+        runtime_env={"env_vars": {"PYTHONPATH": str(root), "VISIONSERVE_API_KEY": ""}},
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
