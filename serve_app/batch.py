@@ -31,7 +31,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from serve_app.errors import ServiceError
-from serve_app.inputs.imageinfo import check_pixels, sniff
+from serve_app.inputs.imageinfo import check_accepted, check_pixels, sniff
 from serve_app.inputs.request import RESERVED_QUERY, _replay, decode_base64, read_body
 
 log = logging.getLogger("ray.serve")
@@ -213,14 +213,14 @@ def _check_pixels(items: list[BatchItem], lim: BatchLimits) -> None:
     for item in items:
         if item.data is None:
             continue
-        info = sniff(item.data)
         try:
+            # The same order as decoding: no image at all (415) before an unreadable size (422).
+            info = check_accepted(sniff(item.data))
             check_pixels(info, lim.max_pixels)
         except ServiceError as err:
             item.error, item.data = error_item(err), None
             continue
-        if info is not None and info.width and info.height:
-            total += info.width * info.height
+        total += info.width * info.height
     if total > lim.max_batch_pixels:
         raise ServiceError(
             413,
