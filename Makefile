@@ -21,7 +21,8 @@ models: setup
 
 run: setup models
 	$(PY) -m serve_app.config check config/serve.yaml
-	$(VENV)/bin/serve run config/serve.yaml
+	# Serve's proxy refuses over-cap bodies from the headers (serve_app/proxy.py).
+	env $$($(PY) -m serve_app.proxy config/serve.yaml) $(VENV)/bin/serve run config/serve.yaml
 
 # Test tools from Debian: headless Chromium (web page test) and shellcheck (minikube.sh).
 # Where apt is absent or fails, the tests that need them skip with a reason.

@@ -29,6 +29,7 @@ from kuberay import overlay, sizing
 from kuberay.footprint import minikube_size
 from kuberay.quantity import memory_bytes
 from serve_app.config import weights_needed
+from serve_app.proxy import proxy_env
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "config" / "serve.yaml"
@@ -117,6 +118,12 @@ def _api_key_env(serve_cfg: dict[str, Any], cluster: dict[str, Any]) -> list[dic
     return [{"name": env_name, "valueFrom": {"secretKeyRef": ref}}]
 
 
+def _proxy_env(serve_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    # Serve's proxy runs on every node and refuses over-cap bodies from their headers
+    # (serve_app/proxy.py); it reads its caps from the pod's environment.
+    return [{"name": k, "value": v} for k, v in proxy_env(serve_cfg).items()]
+
+
 def _image(cluster: dict[str, Any], tag: str) -> str:
     return f"{cluster['image']['repository']}:{tag}"
 
@@ -136,7 +143,7 @@ def _head(serve_cfg: dict[str, Any], cluster: dict[str, Any], tag: str) -> dict[
             {"containerPort": 8080, "name": "metrics"},
         ],
         "resources": _resources(head["cpu"], head["memory"]),
-        "env": _api_key_env(serve_cfg, cluster),
+        "env": [*_proxy_env(serve_cfg), *_api_key_env(serve_cfg, cluster)],
     }
     return {
         # No replica on the head: every deployment asks for CPU (checked in sizing.check).
@@ -167,7 +174,7 @@ def _worker(
                     {"containerPort": 8080, "name": "metrics"},
                 ],
                 "resources": _resources(group.cpu, group.memory, group.gpu),
-                "env": [*env, *_api_key_env(serve_cfg, cluster)],
+                "env": [*env, *_proxy_env(serve_cfg), *_api_key_env(serve_cfg, cluster)],
                 "volumeMounts": [
                     {"name": "models", "mountPath": models["mountPath"], "readOnly": True}
                 ],

@@ -7,6 +7,7 @@ overrides) inside a Ray they started themselves, with their own temp dir and por
 from __future__ import annotations
 
 import copy
+import os
 import socket
 import time
 from typing import Any
@@ -16,16 +17,24 @@ from serve_app.config import validate_config
 APP_NAME = "visionserve"
 
 
-def start_local_ray(prefix: str = "vs-bench-", *, num_cpus: int | None = None) -> None:
+def start_local_ray(
+    prefix: str = "vs-bench-", *, num_cpus: int | None = None, cfg: dict[str, Any] | None = None
+) -> None:
     """A Ray of its own (own temp dir and ports) for a benchmark or tool; stop it with
-    `ray.shutdown()`, never `ray stop`. Its workers import this checkout, and a key in the
-    caller's shell does not turn the service into 401s."""
+    `ray.shutdown()`, never `ray stop`. Its workers import this checkout, a key in the
+    caller's shell does not turn the service into 401s, and Serve's proxy gets the body caps
+    of `cfg` (default config/serve.yaml; see serve_app/proxy.py)."""
     import tempfile
     from pathlib import Path
 
     import ray
 
+    from serve_app.config import load_config
+    from serve_app.proxy import proxy_env
+
     root = Path(__file__).resolve().parents[1]
+    # The proxy reads them from its process environment, which Ray's processes inherit.
+    os.environ.update(proxy_env(cfg if cfg is not None else load_config()))
     ray.init(
         address="local",
         num_cpus=num_cpus,

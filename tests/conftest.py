@@ -123,6 +123,11 @@ def metrics_port() -> int:
 def ray_session(metrics_port):
     import ray
 
+    from serve_app.proxy import proxy_env
+
+    # Serve's proxy reads its body caps from its environment, inherited from this process:
+    # those of the session service's config (its port and model folder do not matter here).
+    os.environ.update(proxy_env(service_config(0, Path(tempfile.gettempdir()))))
     temp_dir = tempfile.mkdtemp(prefix="vs-ray-")
     ray.init(
         address="local",
