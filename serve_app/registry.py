@@ -114,11 +114,25 @@ class SamOptions(BaseOptions):
     crop_n_points_downscale_factor: int = Field(1, ge=1)
     embedding_cache_bytes: int = 256 * 2**20
     max_prompts: int = 64
+    # Decoder prompts one automatic request may run, all crops together
+    # (serve_app/models/sam/work.py): 32x32 points are 1,024, with one crop layer 5,120
+    # (~500 s of vit_b on a 2-core laptop); 64x64 with one crop layer would be 20,480.
+    max_decoder_prompts: int = Field(8192, gt=0)
 
     @model_validator(mode="after")
     def _crop_default_within_max(self) -> SamOptions:
         if self.crop_n_layers > self.max_crop_n_layers:
             raise ValueError("crop_n_layers must not exceed max_crop_n_layers")
+        from serve_app.models.sam.work import planned_work
+
+        work = planned_work(
+            self.points_per_side, self.crop_n_layers, self.crop_n_points_downscale_factor
+        )
+        if work.decoder_prompts > self.max_decoder_prompts:
+            raise ValueError(
+                f"the default points_per_side and crop_n_layers imply {work.decoder_prompts} "
+                f"decoder prompts, over max_decoder_prompts {self.max_decoder_prompts}"
+            )
         return self
 
 

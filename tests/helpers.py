@@ -22,6 +22,8 @@ TEST_IMAGE_HOST = "127.0.0.2"  # the only address the test service may fetch fro
 APP = "visionserve"
 TEST_LIMITS = {
     "max_body_bytes": 8 * 2**20,
+    # Below the body cap, so that tests can tell the JSON cap from the body cap.
+    "max_json_bytes": 4 * 2**20,
     "fetch_max_bytes": 4 * 2**20,
     "max_pixels": 50_000_000,
     "fetch_connect_timeout_s": 2,

@@ -5,6 +5,8 @@ A detector's cost is set by its parameters and the image size, both known before
 level. Each detector says how to count its windows; this module compares the count with the
 model's budget (`options.max_windows` in config/serve.yaml) and refuses with a 422 that
 names the parameter most to blame: the one whose default alone would shrink the work most.
+SAM's automatic masks count decoder prompts the same way (their number does not depend on
+the image size).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ def check_work(
     tunable: Sequence[str],
     budget: int,
     *,
-    width: int,
-    height: int,
+    width: int | None = None,
+    height: int | None = None,
     unit: str = "windows",
     option: str = "max_windows",
 ) -> int:
-    """The work `params` imply on a width x height image; ServiceError 422 if over `budget`."""
+    """The work `params` imply (on a width x height image, when the size matters); ServiceError
+    422 if over `budget`."""
     work = count(params)
     if work <= budget:
         return work
@@ -38,16 +41,22 @@ def check_work(
         alone = count({**params, name: defaults[name]})
         if alone < best:
             blame, best = name, alone
-    size = f"a {width}x{height} image"
+    sized = width is not None and height is not None
+    size = f" on a {width}x{height} image" if sized else ""
     if blame is None:
-        what = f"{size} with these parameters"
-        advice = "send a smaller image"
+        what = f"these parameters{size}"
+        advice = "send a smaller image" if sized else "use parameters nearer their defaults"
     else:
-        what = f"{blame}={params[blame]} on {size}"
-        advice = f"use a {blame} nearer its default {defaults[blame]}, or a smaller image"
+        what = f"{blame}={params[blame]}{size}"
+        advice = f"use a {blame} nearer its default {defaults[blame]}"
+        advice += ", or a smaller image" if sized else ""
     raise ServiceError(
         422,
         "over_work_budget",
-        f"{what} implies {work / 1e6:,.1f} M {unit}; this model's budget is "
-        f"{budget / 1e6:,.1f} M (options.{option}): {advice}",
+        f"{what} implies {_amount(work)} {unit}; this model's budget is {_amount(budget)} "
+        f"(options.{option}): {advice}",
     )
+
+
+def _amount(n: int) -> str:
+    return f"{n / 1e6:,.1f} M" if n >= 10**6 else f"{n:,}"

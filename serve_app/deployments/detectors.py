@@ -364,4 +364,5 @@ class YuNetDetector(DetectorDeployment):
             passes,
             score_threshold=params["score_threshold"],
             nms_threshold=params["nms_threshold"],
+            cancel=cancel,
         )

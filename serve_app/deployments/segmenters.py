@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 import cv2
@@ -20,10 +21,12 @@ from ray import serve
 
 from serve_app import metrics
 from serve_app.deployments.base import ModelDeployment
+from serve_app.deployments.budget import check_work
 from serve_app.deployments.params import Param, parse_params
 from serve_app.errors import ServiceError
 from serve_app.inputs.decode import decode_image
 from serve_app.models import weights
+from serve_app.models.types import Cancelled
 from serve_app.rendering.encode import MEDIA_TYPES, encode_image
 
 OUTPUTS = ("json", "jpeg", "png")
@@ -35,6 +38,8 @@ class SamSegmenter(ModelDeployment):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._running = 0  # model calls in worker threads, cancelled ones still stopping too
+        self._running_lock = threading.Lock()
         o = self.options
         self.PARAMS = {
             "points_per_side": Param(
@@ -90,6 +95,7 @@ class SamSegmenter(ModelDeployment):
             "random_weights": self.options.random_weights,
             "dtype": decision.name if decision else None,
             "dtype_reason": decision.reason if decision else None,
+            "running": self._running,
             "parameters": {k: p.describe() for k, p in self.PARAMS.items()},
         }
 
@@ -98,39 +104,104 @@ class SamSegmenter(ModelDeployment):
         self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
     ) -> dict[str, Any]:
         p, model = self._prepare(params, output)
-        return await asyncio.to_thread(self._generate, model, data, p, output, filename, None)
+        self.check_work(p)
+        return await self._in_thread(self._generate, model, data, p, output, filename, None)
 
     async def generate_stream(
         self, data: bytes, params: dict[str, Any], output: str = "json", filename: str | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Progress events `{"progress", "stage"}`, then one `{"result": ...}`."""
         p, model = self._prepare(params, output)
+        self.check_work(p)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
         def progress(fraction: float, stage: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, {"progress": fraction, "stage": stage})
 
+        cancel = threading.Event()
         work = asyncio.ensure_future(
-            asyncio.to_thread(self._generate, model, data, p, output, filename, progress)
+            self._in_thread(
+                self._generate, model, data, p, output, filename, progress, cancel=cancel
+            )
         )
-        while not work.done():
-            getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield getter.result()
-            else:
-                getter.cancel()
-        while not events.empty():
-            yield events.get_nowait()
-        yield {"result": work.result()}
+        try:
+            while not work.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield {"result": work.result()}
+        finally:
+            # Cancelled (the job's timeout) or closed early: the model stops at its next step.
+            if not work.done():
+                cancel.set()
+
+    async def _in_thread(
+        self, fn: Callable[..., Any], *args: Any, cancel: threading.Event | None = None
+    ) -> Any:
+        """`fn(*args, cancel)` in a worker thread, which cannot be killed: when the caller
+        gives up (the router's timeout cancels the call, which Serve turns into
+        CancelledError here) the event tells the model to stop at its next step."""
+        cancel = cancel or threading.Event()
+
+        def run() -> Any:
+            with self._running_lock:
+                self._running += 1
+            try:
+                return fn(*args, cancel)
+            except Cancelled:
+                # Nobody waits for this answer any more; the router has already answered.
+                raise ServiceError(504, "cancelled", "the request was cancelled") from None
+            finally:
+                with self._running_lock:
+                    self._running -= 1
+
+        try:
+            return await asyncio.to_thread(run)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def check_work(self, p: dict[str, Any]) -> None:
+        """Refuse (422) automatic-mask parameters whose decoder prompts are over budget,
+        before the image is decoded: the count does not depend on the image's size."""
+        from serve_app.models.sam.work import crop_layers, planned_work
+
+        o = self.options
+        down = o.crop_n_points_downscale_factor
+        for layer, (_, points) in enumerate(
+            crop_layers(p["points_per_side"], p["crop_n_layers"], down)
+        ):
+            if points == 0:  # segment_anything would divide by zero building that grid
+                raise ServiceError(
+                    422,
+                    "bad_parameter",
+                    f"points_per_side={p['points_per_side']} leaves crop layer {layer} no "
+                    f"points (crop_n_points_downscale_factor {down}): use more points or "
+                    "fewer crop layers",
+                )
+        defaults = {k: spec.default for k, spec in self.PARAMS.items()}
+        check_work(
+            lambda q: planned_work(q["points_per_side"], q["crop_n_layers"], down).decoder_prompts,
+            p,
+            defaults,
+            ("points_per_side", "crop_n_layers"),
+            o.max_decoder_prompts,
+            unit="decoder prompts",
+            option="max_decoder_prompts",
+        )
 
     def _prepare(self, params: dict[str, Any], output: str) -> tuple[dict[str, Any], Any]:
         if output not in OUTPUTS:
             raise ServiceError(422, "bad_parameter", f"format must be one of {list(OUTPUTS)}")
         return parse_params(self.PARAMS, params), self.ready_model()
 
-    def _generate(self, model, data, p, output, filename, progress) -> dict[str, Any]:
+    def _generate(self, model, data, p, output, filename, progress, cancel) -> dict[str, Any]:
         from serve_app.models.sam.amg import FastMaskGenerator
 
         t0 = time.perf_counter()
@@ -150,7 +221,9 @@ class SamSegmenter(ModelDeployment):
             crop_n_points_downscale_factor=self.options.crop_n_points_downscale_factor,
             dtype=self.precision.dtype,
         )
-        masks = generator.generate(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), progress=progress)
+        masks = generator.generate(
+            cv2.cvtColor(image, cv2.COLOR_BGR2RGB), progress=progress, cancel=cancel
+        )
         t2 = time.perf_counter()
         result = self._render(image, masks, p, output, filename, "automatic")
         result["timing_ms"] = _timing(t0, t1, t2, time.perf_counter())
@@ -170,16 +243,18 @@ class SamSegmenter(ModelDeployment):
             self.options.max_prompts,
         )
         p, model = self._prepare(params, output)
-        return await asyncio.to_thread(self._segment, data, prompts, p, output, filename)
+        return await self._in_thread(self._segment, data, prompts, p, output, filename)
 
-    def _segment(self, data, prompts, p, output, filename) -> dict[str, Any]:
+    def _segment(self, data, prompts, p, output, filename, cancel) -> dict[str, Any]:
         t0 = time.perf_counter()
         image = decode_sam_image(data, self.max_pixels)
         h, w = image.shape[:2]
         check_prompts_inside(prompts, w, h)
         t1 = time.perf_counter()
         key = hashlib.sha256(data).hexdigest()
-        masks = self.prompted.segment(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), key, **prompts)
+        masks = self.prompted.segment(
+            cv2.cvtColor(image, cv2.COLOR_BGR2RGB), key, **prompts, cancel=cancel
+        )
         t2 = time.perf_counter()
         result = self._render(image, masks, p, output, filename, "prompted")
         result["cached_embedding"] = bool(getattr(self.prompted, "last_hit", False))

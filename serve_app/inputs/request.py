@@ -151,9 +151,27 @@ def load_json(body: bytes) -> Any:
     return doc
 
 
-async def _from_json(body: bytes, fetch: Fetcher) -> ImageRequest:
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower-case."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def body_cap(ctype: str, max_bytes: int, max_json_bytes: int | None) -> int:
+    """The byte cap for a body of this media type: JSON is parsed whole, so it has its own,
+    smaller cap. Every route that reads a body (single image, batch) asks here."""
+    if ctype == "application/json" and max_json_bytes is not None:
+        return min(max_bytes, max_json_bytes)
+    return max_bytes
+
+
+async def parse_json(body: bytes) -> Any:
+    """A JSON body under the token cap, parsed in a worker thread; ServiceError if not."""
     check_json_tokens(body)
-    doc = await asyncio.to_thread(load_json, body)
+    return await asyncio.to_thread(load_json, body)
+
+
+async def _from_json(body: bytes, fetch: Fetcher) -> ImageRequest:
+    doc = await parse_json(body)
     if not isinstance(doc, dict):
         raise ServiceError(400, "bad_json", "the JSON body must be an object")
     url, b64 = doc.pop("url", None), doc.pop("image_base64", None)
@@ -171,9 +189,8 @@ async def _from_json(body: bytes, fetch: Fetcher) -> ImageRequest:
 async def parse_image_request(
     request: Request, *, max_bytes: int, fetch: Fetcher, max_json_bytes: int | None = None
 ) -> ImageRequest:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "application/json" and max_json_bytes is not None:
-        max_bytes = min(max_bytes, max_json_bytes)
+    ctype = media_type(request)
+    max_bytes = body_cap(ctype, max_bytes, max_json_bytes)
     body = await read_body(request, max_bytes)
     if ctype == "multipart/form-data":
         image = await _from_multipart(request, body, max_bytes, fetch)

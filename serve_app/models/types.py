@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 
 
@@ -34,3 +35,10 @@ class LandmarkDetection(Detection):
 
 class Cancelled(Exception):
     """Model work stopped because its caller gave up (set by the caller's cancel event)."""
+
+
+def stop_if_cancelled(cancel: threading.Event | None, where: str) -> None:
+    """Raise `Cancelled` when the caller has set `cancel`: called by model code between
+    steps it cannot interrupt (a forward, a block, a batch)."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"cancelled {where}")

@@ -23,6 +23,7 @@ time (FaceDetectorYN keeps its input size and buffers as state; it is not thread
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from serve_app.models.types import LandmarkDetection
+from serve_app.models.types import LandmarkDetection, stop_if_cancelled
 
 # Face sizes (longer side, in the pixels of the pass) each kind of pass keeps; see plan().
 # Chosen on the dev set (docs/accuracy.md).
@@ -136,9 +137,15 @@ class YuNet:
         return np.zeros((0, 15), np.float32) if faces is None else faces
 
     def _run_pass(
-        self, image_bgr: np.ndarray, p: ScalePass, score: float, nms: float = 0.3
+        self,
+        image_bgr: np.ndarray,
+        p: ScalePass,
+        score: float,
+        nms: float = 0.3,
+        cancel: threading.Event | None = None,
     ) -> np.ndarray:
-        """Rows of one pass in original pixel coordinates, before the keep filter."""
+        """Rows of one pass in original pixel coordinates, before the keep filter. A set
+        `cancel` stops it before its next tile."""
         h, w = image_bgr.shape[:2]
         # Only a pass whose kept faces fit in the tile overlap can be tiled (the small-face
         # pass); the others are bounded by max_side and run whole.
@@ -149,6 +156,7 @@ class YuNet:
         (xs, tw), (ys, th) = _tiles(p.width), _tiles(p.height)
         for j, ty in enumerate(ys):
             for i, tx in enumerate(xs):
+                stop_if_cancelled(cancel, "between tiles")
                 # The source region of this tile, resized alone: never the whole upscaled image.
                 x0, y0 = math.floor(tx / p.scale), math.floor(ty / p.scale)
                 x1 = min(w, math.ceil((tx + tw) / p.scale))
@@ -182,11 +190,15 @@ class YuNet:
         *,
         score_threshold: float = 0.7,
         nms_threshold: float = 0.3,
+        cancel: threading.Event | None = None,
     ) -> list[LandmarkDetection]:
+        """Faces of all `passes`. A set `cancel` stops the work before its next forward
+        (one pass, or one tile of a tiled pass: ~0.1 s each) with `Cancelled`."""
         h, w = image_bgr.shape[:2]
         kept = []
         for p in passes:
-            rows = self._run_pass(image_bgr, p, score_threshold, nms_threshold)
+            stop_if_cancelled(cancel, "between passes")
+            rows = self._run_pass(image_bgr, p, score_threshold, nms_threshold, cancel)
             size = np.maximum(rows[:, 2], rows[:, 3])
             kept.append(rows[(size >= p.keep_min) & (size < p.keep_max)])
         rows = np.concatenate(kept) if kept else np.zeros((0, 15))

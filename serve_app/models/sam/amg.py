@@ -32,6 +32,7 @@ at its crop's size and written into one image-size buffer, so memory stays flat.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ from serve_app.models.sam.resample import (
     to_input_scale,
     to_orig,
 )
+from serve_app.models.types import stop_if_cancelled
 
 Progress = Callable[[float, str], None]
 
@@ -163,9 +165,17 @@ class FastMaskGenerator:
 
     # -- public ----------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, image_rgb: np.ndarray, progress: Progress | None = None) -> list[MaskRecord]:
+    def generate(
+        self,
+        image_rgb: np.ndarray,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[MaskRecord]:
         """Masks for an HxWx3 uint8 RGB image, in the reference's order (by predicted
-        IoU after NMS; with crop layers, smaller crops first)."""
+        IoU after NMS; with crop layers, smaller crops first).
+
+        A set `cancel` stops the work with `Cancelled` at its next step: between encoder
+        blocks, decoder batches, crops and full-resolution masks."""
         check_image(image_rgb)
         report = progress or (lambda fraction, stage: None)
         orig_hw = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
@@ -174,13 +184,14 @@ class FastMaskGenerator:
         crops = []
         for i, (box, layer) in enumerate(zip(boxes, layers, strict=True)):
             part = _Scaled(report, i / n * (_ENCODER + _DECODER), (_ENCODER + _DECODER) / n, i, n)
-            crops.append(self._process_crop(image_rgb, tuple(box), layer, orig_hw, part))
+            stop_if_cancelled(cancel, "between crops")
+            crops.append(self._process_crop(image_rgb, tuple(box), layer, orig_hw, part, cancel))
         order = _merge(crops, self.crop_nms_thresh)
         report(_ENCODER + _DECODER, "postprocess")
         if not order:
             report(1.0, "postprocess")
             return []
-        return self._finish(crops, order, orig_hw, report)
+        return self._finish(crops, order, orig_hw, report, cancel)
 
     # -- per crop: steps 1-4 -----------------------------------------------------------
     def _process_crop(
@@ -190,12 +201,13 @@ class FastMaskGenerator:
         layer: int,
         orig_hw: tuple[int, int],
         report: Progress,
+        cancel: threading.Event | None = None,
     ) -> _Crop:
         x0, y0, x1, y1 = box
         whole = box == (0, 0, orig_hw[1], orig_hw[0])
         crop = image_rgb if whole else image_rgb[y0:y1, x0:x1, :]
         report(0.0, "encoder")
-        emb = embed(self.model, crop, dtype=self.dtype)
+        emb = embed(self.model, crop, dtype=self.dtype, cancel=cancel)
         report(_ENCODER, "encoder")
         g = geometry(
             emb.orig_hw,
@@ -204,7 +216,7 @@ class FastMaskGenerator:
         )
         full = FullResDecoder(g)  # one crop-size buffer, reused for every re-scored mask
         edge = None if whole else (list(box), [0, 0, orig_hw[1], orig_hw[0]])
-        survivors = self._decode_all(emb, g, full, report, self.point_grids[layer], edge)
+        survivors = self._decode_all(emb, g, full, report, self.point_grids[layer], edge, cancel)
         if not len(survivors):
             empty = torch.zeros(0, 4, dtype=torch.long)
             return _Crop(box, g, [], torch.zeros(0), empty, np.zeros((0, 2)))
@@ -231,6 +243,7 @@ class FastMaskGenerator:
         report: Progress,
         grid: np.ndarray,
         edge: tuple[list[int], list[int]] | None,
+        cancel: threading.Event | None = None,
     ) -> _Survivors:
         h, w = emb.orig_hw
         points_all = grid * np.array([[w, h]])
@@ -240,6 +253,7 @@ class FastMaskGenerator:
         bands = BandBoxes(g) if g.upsamples else None
         survivors = _Survivors()
         for b in range(n_batches):
+            stop_if_cancelled(cancel, "between decoder batches")
             points = points_all[b * self.points_per_batch : (b + 1) * self.points_per_batch]
             coords = torch.as_tensor(transform.apply_coords(points, (h, w)), device=device)
             labels = torch.ones(len(points), dtype=torch.int, device=device)
@@ -253,6 +267,7 @@ class FastMaskGenerator:
                 g.grid_hw,
                 self.pred_iou_thresh if self.pred_iou_thresh > 0 else None,
                 batch=self.decoder_batch,
+                cancel=cancel,
             )
             if len(select):
                 # Post-processing is CPU code (cv2, pycocotools); the crops are small.
@@ -271,6 +286,7 @@ class FastMaskGenerator:
                     full,
                     survivors,
                     edge,
+                    cancel,
                 )
             report(_ENCODER + _DECODER * (b + 1) / n_batches, f"decoder batch {b + 1}/{n_batches}")
         return survivors
@@ -285,12 +301,14 @@ class FastMaskGenerator:
         full: FullResDecoder,
         out: _Survivors,
         edge: tuple[list[int], list[int]] | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Stability filter and boxes for one batch's masks; `edge` = (crop box, image
         box) drops masks whose box touches the crop's edge inside the image."""
         thr, off = self.mask_threshold, self.stability_score_offset
         s_thr = self.stability_score_thresh
         for i in range(0, len(low), self.chunk):
+            stop_if_cancelled(cancel, "between mask chunks")
             lc, ic, pc = (
                 low[i : i + self.chunk],
                 iou[i : i + self.chunk],
@@ -336,6 +354,7 @@ class FastMaskGenerator:
         order: list[tuple[int, int]],
         orig_hw: tuple[int, int],
         report: Progress,
+        cancel: threading.Event | None = None,
     ) -> list[MaskRecord]:
         """Records for `order` (crop index, mask index), decoded crop by crop so one
         crop-size decoder exists at a time, returned in `order`."""
@@ -355,6 +374,7 @@ class FastMaskGenerator:
             if not whole and canvas is None:
                 canvas = np.zeros((h, w), dtype=np.bool_, order="F")
             for pos, i in by_crop[c]:
+                stop_if_cancelled(cancel, "between full-resolution masks")
                 d = decoder.decode(crop.low[i], self.mask_threshold, self.stability_score_offset)
                 mask, same = d.mask, True
                 if not whole:

@@ -23,11 +23,14 @@ transformer's output only: with `pred_iou_thresh` most prompts never need the up
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from serve_app.models.types import stop_if_cancelled
 
 
 def _heads(lin: nn.Linear, num_heads: int) -> tuple[Tensor, Tensor]:
@@ -234,16 +237,19 @@ class FastDecoder:
         iou_thresh: float | None = None,
         multimask: bool = True,
         batch: int = 4,
+        cancel: threading.Event | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """IoU predictions (B, M) for all prompts, the indices of the prompts with some IoU
         above `iou_thresh` (all if None), and their low-res logits (B', M, 4*gh, 4*gw).
 
         Prompts go `batch` at a time: each carries ~4 MiB of image-side activations per
         tensor, and a small batch keeps them in cache from the transformer through the
-        upscaler (on a 2-core CPU, 4 prompts ran ~3x faster per prompt than 64).
+        upscaler (on a 2-core CPU, 4 prompts ran ~3x faster per prompt than 64). A set
+        `cancel` stops it before the next `batch` (`Cancelled`).
         """
         ious, selects, lows = [], [], []
         for i in range(0, sparse.shape[0], batch):
+            stop_if_cancelled(cancel, "between decoder batches")
             d = dense[i : i + batch] if dense.shape[0] > 1 else dense
             state = self.run(image_embedding, sparse[i : i + batch], d)
             iou = self.iou(state, multimask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +41,15 @@ def embed(
     image_rgb: np.ndarray,
     fused: bool = True,
     dtype: torch.dtype = torch.float32,
+    cancel: threading.Event | None = None,
 ) -> Embedding:
     """Resize (long side img_size, PIL bilinear as upstream), normalise, pad, encode.
 
     `fused`: run SAM's ViT with fused attention (vit.py); False runs the stock module.
     `dtype`: bfloat16 runs the encoder (any variant) under autocast (see precision.py);
     the embedding is float32 either way, so the decoder is unaffected.
+    `cancel`: checked between the fused encoder's blocks (vit.forward); the stock module
+    and MobileSAM's TinyViT (~0.1-0.5 s) run whole.
     """
     check_image(image_rgb)
     transform = ResizeLongestSide(sam.image_encoder.img_size)
@@ -55,7 +59,7 @@ def embed(
     low = dtype != torch.float32
     with torch.autocast(x.device.type, dtype=dtype if low else None, enabled=low):
         if fused and vit.supports(sam.image_encoder):
-            features = vit.forward(sam.image_encoder, x)
+            features = vit.forward(sam.image_encoder, x, cancel)
         else:
             features = sam.image_encoder(x)
     features = features.float()

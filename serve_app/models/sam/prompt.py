@@ -19,6 +19,7 @@ from torch import nn
 from serve_app.models.sam.encoder import Embedding, check_image, embed, model_device
 from serve_app.models.sam.records import MaskRecord, xyxy_to_xywh
 from serve_app.models.sam.resample import FullResDecoder, geometry
+from serve_app.models.types import stop_if_cancelled
 
 
 class EmbeddingCache:
@@ -87,7 +88,9 @@ class PromptedSegmenter:
         """Whether this thread's last `segment` found its embedding in the cache."""
         return getattr(self._local, "hit", False)
 
-    def embedding(self, image_rgb: np.ndarray, key: str | None) -> Embedding:
+    def embedding(
+        self, image_rgb: np.ndarray, key: str | None, cancel: threading.Event | None = None
+    ) -> Embedding:
         """The image's embedding from the cache, or from the encoder (then cached)."""
         found = self.cache.get(key) if key is not None else None
         if found is not None and found.orig_hw == tuple(image_rgb.shape[:2]):
@@ -95,7 +98,7 @@ class PromptedSegmenter:
             return found
         self._local.hit = False
         self.encoder_calls += 1
-        emb = embed(self.model, image_rgb, dtype=self.dtype)
+        emb = embed(self.model, image_rgb, dtype=self.dtype, cancel=cancel)
         if key is not None:
             self.cache.put(key, emb)
         return emb
@@ -109,7 +112,10 @@ class PromptedSegmenter:
         labels: Sequence[int] | np.ndarray | None = None,
         boxes: Points | None = None,
         multimask: bool = False,
+        cancel: threading.Event | None = None,
     ) -> list[MaskRecord]:
+        """Masks for the prompts; a set `cancel` stops the encoder between blocks and the
+        work between masks (`Cancelled`)."""
         check_image(image_rgb)
         pts = None if points is None or len(points) == 0 else np.asarray(points, np.float64)
         bxs = None if boxes is None or len(boxes) == 0 else np.asarray(boxes, np.float64)
@@ -122,7 +128,7 @@ class PromptedSegmenter:
         if bxs is not None and bxs.shape != (len(bxs), 4):
             raise ValueError("boxes must be M x 4 (x0, y0, x1, y1)")
 
-        emb = self.embedding(image_rgb, key)
+        emb = self.embedding(image_rgb, key, cancel)
         hw = emb.orig_hw
         device = model_device(self.model)
         n = 1 if bxs is None else len(bxs)
@@ -153,6 +159,7 @@ class PromptedSegmenter:
         point_list = [] if pts is None else pts.tolist()
         for p in range(low.shape[0]):
             for m in range(low.shape[1]):
+                stop_if_cancelled(cancel, "between masks")
                 d = decoder.decode(low[p, m], float(self.model.mask_threshold))
                 code, area, box = d.summary()
                 records.append(

@@ -16,6 +16,8 @@ softmax and product took 0.46 s. bf16 therefore takes the explicit path below.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import (
@@ -24,6 +26,8 @@ from segment_anything.modeling.image_encoder import (
     window_unpartition,
 )
 from torch import Tensor, nn
+
+from serve_app.models.types import stop_if_cancelled
 
 
 def attention(attn: nn.Module, x: Tensor, scratch: dict | None = None) -> Tensor:
@@ -107,12 +111,17 @@ def supports(encoder: nn.Module) -> bool:
     return isinstance(encoder, ImageEncoderViT)
 
 
-def forward(encoder: nn.Module, x: Tensor) -> Tensor:
-    """ImageEncoderViT.forward: (1, 3, 1024, 1024) normalised image -> (1, 256, 64, 64)."""
+def forward(encoder: nn.Module, x: Tensor, cancel: threading.Event | None = None) -> Tensor:
+    """ImageEncoderViT.forward: (1, 3, 1024, 1024) normalised image -> (1, 256, 64, 64).
+
+    A set `cancel` stops it before its next block with `Cancelled`: the encoder is one
+    forward of 4-10 s on a CPU (vit_b-vit_h), a block a twelfth to a thirty-second of it.
+    """
     x = encoder.patch_embed(x)
     if encoder.pos_embed is not None:
         x = x + encoder.pos_embed
     scratch: dict = {}  # attention score buffers, reused across blocks (bf16 only)
     for blk in encoder.blocks:
+        stop_if_cancelled(cancel, "between encoder blocks")
         x = block(blk, x, scratch)
     return encoder.neck(x.permute(0, 3, 1, 2))
