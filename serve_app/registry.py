@@ -123,16 +123,6 @@ class SamOptions(BaseOptions):
     def _crop_default_within_max(self) -> SamOptions:
         if self.crop_n_layers > self.max_crop_n_layers:
             raise ValueError("crop_n_layers must not exceed max_crop_n_layers")
-        from serve_app.models.sam.work import planned_work
-
-        work = planned_work(
-            self.points_per_side, self.crop_n_layers, self.crop_n_points_downscale_factor
-        )
-        if work.decoder_prompts > self.max_decoder_prompts:
-            raise ValueError(
-                f"the default points_per_side and crop_n_layers imply {work.decoder_prompts} "
-                f"decoder prompts, over max_decoder_prompts {self.max_decoder_prompts}"
-            )
         return self
 
 

@@ -19,7 +19,6 @@ import pytest
 import torch
 from helpers import shared_file
 
-from serve_app.config import ConfigError, validate_options
 from serve_app.errors import ServiceError
 from serve_app.models.types import Cancelled
 from serve_app.registry import MODELS
@@ -260,6 +259,6 @@ def test_sam_crop_layer_without_points_is_a_422_not_a_crash() -> None:
     assert (err.status, err.code) == (422, "bad_parameter") and "crop layer 1" in err.message
 
 
-def test_sam_defaults_over_the_budget_are_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="max_decoder_prompts"):
-        validate_options(LIGHT, {**SAM_OPTIONS, "points_per_side": 64, "max_decoder_prompts": 100})
+def test_sam_defaults_over_the_budget_stop_the_replica_at_start() -> None:
+    with pytest.raises(ValueError, match="max_decoder_prompts"):
+        deployment(LIGHT, None, {**SAM_OPTIONS, "points_per_side": 64, "max_decoder_prompts": 100})

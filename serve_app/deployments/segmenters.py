@@ -62,6 +62,12 @@ class SamSegmenter(ModelDeployment):
             ),
             "seed": Param(int, 0, 0, 2**31 - 1, "overlay colour seed"),
         }
+        try:  # the defaults must fit: else every default request would be refused
+            self.check_work({k: spec.default for k, spec in self.PARAMS.items()})
+        except ServiceError as err:
+            raise ValueError(
+                f"{self.name}: default parameters over budget: {err.message}"
+            ) from None
 
     # -- ModelDeployment ---------------------------------------------------------------
     def load(self) -> Any:
