@@ -3,11 +3,14 @@
 The session service runs without a key, so this file deploys a second, small application
 next to it on the same Serve (router + jobs + one Haar detector, under /keys) whose router
 reads two keys from its own environment variable. It also checks that a router required to
-have a key refuses to start without one.
+have a key refuses to start without one, and, in a third app, that callback deliveries in
+flight never exceed `jobs.max_callbacks`.
 """
 
 from __future__ import annotations
 
+import http.server as http_server
+import threading
 import time
 
 import httpx
@@ -21,7 +24,13 @@ JOBS_BUDGET = 8 * 2**20  # jobs.max_result_bytes of this app
 JOBS_MEMORY = 512 * 2**20
 
 
-def small_app(app_name: str, env: dict[str, str], require: bool, max_result_bytes: int):
+def small_app(
+    app_name: str,
+    env: dict[str, str],
+    require: bool,
+    max_result_bytes: int,
+    jobs: dict | None = None,
+):
     from serve_app.config import parse_app_settings
     from serve_app.jobs import JobManager
     from serve_app.registry import MODELS
@@ -31,7 +40,7 @@ def small_app(app_name: str, env: dict[str, str], require: bool, max_result_byte
         "api_key_env": KEY_ENV,
         "require_api_key": require,
         "fetch_allow_hosts": [TEST_IMAGE_HOST],
-        "jobs": {"max_result_bytes": max_result_bytes, "max_finished_jobs": 100},
+        "jobs": {"max_result_bytes": max_result_bytes, "max_finished_jobs": 100, **(jobs or {})},
         "models": {MODEL: {"timeout_s": 60}},
     }
     plain = parse_app_settings(args).model_dump()
@@ -146,3 +155,109 @@ def test_a_router_that_requires_a_key_does_not_start_without_one(service):
         assert "require_api_key" in message and KEY_ENV in message, message
     finally:
         serve.delete(name)
+
+
+# -- callbacks in flight ------------------------------------------------------------------
+CALLBACKS_APP, CALLBACKS_PREFIX, MAX_CALLBACKS = "vs-callbacks", "/cbcap", 3
+
+
+class SlowReceiver:
+    """A loopback callback receiver that holds every delivery until the test opens its gate,
+    counting the deliveries open at once: what `jobs.max_callbacks` must bound."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.open = self.peak = self.total = 0
+        self.call_ids: list[str] = []
+        receiver = self
+
+        class Handler(http_server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.open += 1
+                    receiver.total += 1
+                    receiver.peak = max(receiver.peak, receiver.open)
+                    receiver.call_ids.append(self.headers.get("X-Call-Id", ""))
+                try:
+                    receiver.gate.wait(120)
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                finally:
+                    with receiver.lock:
+                        receiver.open -= 1
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http_server.ThreadingHTTPServer((TEST_IMAGE_HOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{TEST_IMAGE_HOST}:{self.server.server_address[1]}/cb"
+        threading.Thread(target=self.server.serve_forever, args=(0.1,), daemon=True).start()
+
+    def counts(self) -> tuple[int, int, int]:
+        with self.lock:
+            return self.open, self.peak, self.total
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def callbacks_app(service):
+    from ray import serve
+
+    jobs = {"max_callbacks": MAX_CALLBACKS, "callback_timeout_s": 120, "callback_retries": 0}
+    app = small_app(CALLBACKS_APP, {KEY_ENV: ""}, False, JOBS_BUDGET, jobs=jobs)
+    serve._run(app, name=CALLBACKS_APP, route_prefix=CALLBACKS_PREFIX, _blocking=False)
+    state, message = wait_status(CALLBACKS_APP)
+    assert state == "RUNNING", message
+    with httpx.Client(base_url=service["url"] + CALLBACKS_PREFIX, timeout=120) as client:
+        yield client
+    serve.delete(CALLBACKS_APP)
+
+
+def wait_for(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_callbacks_in_flight_never_exceed_max_callbacks(callbacks_app):
+    """8 finished jobs, a receiver that holds every delivery: exactly 3 (jobs.max_callbacks)
+    are open while the other 5 wait their turn; once it answers, all 8 are delivered."""
+    receiver = SlowReceiver()
+    try:
+        sample = shared_file("images", "pigo_sample.jpg").read_bytes()
+        ids = []
+        for _ in range(8):
+            r = callbacks_app.post(
+                f"/async-function/{MODEL}", content=sample, headers={"X-Callback-Url": receiver.url}
+            )
+            assert r.status_code == 202, r.text
+            ids.append(r.headers["X-Call-Id"])
+
+        def views() -> list[dict]:
+            return [callbacks_app.get(f"/v1/jobs/{i}").json() for i in ids]
+
+        wait_for(lambda: all(v["status"] == "done" for v in views()), 120, "jobs not done")
+        wait_for(lambda: receiver.counts()[0] == MAX_CALLBACKS, 60, "the cap was never reached")
+        time.sleep(1.0)  # room for a delivery over the cap to show up
+        held = receiver.counts()
+        print(f"\n8 jobs done, receiver held: open {held[0]}, peak {held[1]}, seen {held[2]}")
+        assert held == (MAX_CALLBACKS, MAX_CALLBACKS, MAX_CALLBACKS)
+        assert all(v["callback"] is None for v in views())  # none given up: queued, not dropped
+
+        receiver.gate.set()
+        wait_for(lambda: all(v["callback"] for v in views()), 120, "callbacks not all delivered")
+        open_, peak, total = receiver.counts()
+        assert (open_, peak, total) == (0, MAX_CALLBACKS, 8)
+        assert sorted(receiver.call_ids) == sorted(ids)
+        assert {v["callback"] for v in views()} == {"delivered"}
+    finally:
+        receiver.close()
