@@ -224,7 +224,7 @@ def callbacks_app(service):
 def wait_for(check, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, f"{what} within {timeout_s} s"
         time.sleep(0.05)
 
 
@@ -246,7 +246,7 @@ def test_callbacks_in_flight_never_exceed_max_callbacks(callbacks_app):
             return [callbacks_app.get(f"/v1/jobs/{i}").json() for i in ids]
 
         wait_for(lambda: all(v["status"] == "done" for v in views()), 120, "jobs not done")
-        wait_for(lambda: receiver.counts()[0] == MAX_CALLBACKS, 60, "the cap was never reached")
+        wait_for(lambda: receiver.counts()[0] >= MAX_CALLBACKS, 60, "no delivery came")
         time.sleep(1.0)  # room for a delivery over the cap to show up
         held = receiver.counts()
         print(f"\n8 jobs done, receiver held: open {held[0]}, peak {held[1]}, seen {held[2]}")
