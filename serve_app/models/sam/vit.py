@@ -90,8 +90,14 @@ def _attention_explicit(
         return torch.matmul(s, v)
 
 
-def block(blk: nn.Module, x: Tensor, scratch: dict | None = None) -> Tensor:
-    """segment_anything.modeling.image_encoder.Block.forward with `attention` above."""
+def block(
+    blk: nn.Module,
+    x: Tensor,
+    scratch: dict | None = None,
+    cancel: threading.Event | None = None,
+) -> Tensor:
+    """segment_anything.modeling.image_encoder.Block.forward with `attention` above; a set
+    `cancel` stops it between its attention and its MLP."""
     shortcut = x
     x = blk.norm1(x)
     if blk.window_size > 0:
@@ -101,6 +107,7 @@ def block(blk: nn.Module, x: Tensor, scratch: dict | None = None) -> Tensor:
     if blk.window_size > 0:
         x = window_unpartition(x, blk.window_size, pad_hw, (h, w))
     x = shortcut + x
+    stop_if_cancelled(cancel, "inside an encoder block")
     return x + blk.mlp(blk.norm2(x))
 
 
@@ -114,8 +121,9 @@ def supports(encoder: nn.Module) -> bool:
 def forward(encoder: nn.Module, x: Tensor, cancel: threading.Event | None = None) -> Tensor:
     """ImageEncoderViT.forward: (1, 3, 1024, 1024) normalised image -> (1, 256, 64, 64).
 
-    A set `cancel` stops it before its next block with `Cancelled`: the encoder is one
-    forward of 4-10 s on a CPU (vit_b-vit_h), a block a twelfth to a thirty-second of it.
+    A set `cancel` stops it before its next block, or between a block's attention and MLP,
+    with `Cancelled`: the encoder is one forward of seconds on a CPU, and a block is a twelfth
+    (vit_b) to a thirty-second (vit_h) of it, a global-attention block more.
     """
     x = encoder.patch_embed(x)
     if encoder.pos_embed is not None:
@@ -123,5 +131,5 @@ def forward(encoder: nn.Module, x: Tensor, cancel: threading.Event | None = None
     scratch: dict = {}  # attention score buffers, reused across blocks (bf16 only)
     for blk in encoder.blocks:
         stop_if_cancelled(cancel, "between encoder blocks")
-        x = block(blk, x, scratch)
+        x = block(blk, x, scratch, cancel)
     return encoder.neck(x.permute(0, 3, 1, 2))
