@@ -148,17 +148,32 @@ def test_batch_pixel_budget_is_413(http):
 def test_json_batch_is_held_to_the_json_caps(http, service):
     """The single routes' JSON rules (serve_app/inputs/request.py) hold for a batch: a JSON
     body over `limits.max_json_bytes` is 413 `too_large` though under the body cap, and one
-    of too many values is 413 `too_many_json_values` before it is parsed."""
+    of too many values is 413 `too_many_json_values` before it is parsed. Sent chunked (no
+    Content-Length), so that the router counts it, not Serve's proxy (serve_app/proxy.py,
+    which refuses a declared length first)."""
+    import json
+
     limits = service["config"]["applications"][0]["args"]["limits"]
     json_cap, body_cap = limits["max_json_bytes"], limits["max_body_bytes"]
     assert json_cap < body_cap  # else this test could not tell the two apart
     filler = "A" * (json_cap + 1024)  # valid base64, as bytes under the body cap
     assert len(filler) < body_cap - 4096
+    headers = {"Content-Type": "application/json"}
+
+    def chunked(doc: dict):
+        data = json.dumps(doc).encode()
+        return (data[i : i + 2**16] for i in range(0, len(data), 2**16))
+
     for route in (ROUTE, f"/v1/detect/{MODEL}"):
         doc = {"images": [{"image_base64": filler}]} if route == ROUTE else {"image_base64": filler}
-        r = http.post(route, json=doc)
-        assert r.status_code == 413 and r.json()["error"] == "too_large", (route, r.text)
-        assert set(r.json()) == {"error", "detail", "request_id"}
+        for how in ("chunked", "declared"):
+            if how == "chunked":
+                r = http.post(route, content=chunked(doc), headers=headers)
+                assert "content-length" not in r.request.headers
+            else:
+                r = http.post(route, json=doc)
+            assert r.status_code == 413 and r.json()["error"] == "too_large", (route, how, r.text)
+            assert set(r.json()) == {"error", "detail", "request_id"}
     # The same bytes as a multipart batch are only held to the body cap.
     r = http.post(ROUTE, files=[("file", ("big.bin", filler.encode()))])
     assert r.status_code == 200, r.text
