@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -538,3 +539,27 @@ def test_bf16_automatic_masks_run_with_crops(sam, small):
     f32 = FastMaskGenerator(sam, **kw).generate(small)
     stats = iou_stats(matched_ious(f32, b16))
     assert stats["masks"] == len(f32) > 0 and stats["iou_mean"] > 0.5
+
+
+def test_precast_bf16_linears_match_autocast_and_follow_weight_changes(sam, small):
+    from serve_app.models.sam import vit
+    from serve_app.models.sam.encoder import embed
+
+    enc = sam.image_encoder
+    got = embed(sam, small, dtype=torch.bfloat16).features
+    cached = enc._serve_low_weights
+    assert all(w.dtype == torch.bfloat16 for w, _ in cached[1].values())
+    with mock.patch.object(vit, "low_weights", lambda e, d: None):  # plain autocast
+        want = embed(sam, small, dtype=torch.bfloat16).features
+    assert torch.equal(got, want)
+    qkv = enc.blocks[0].attn.qkv
+    saved = qkv.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            qkv.weight.mul_(2)  # e.g. a checkpoint loaded after the first bf16 call
+        vit.low_weights(enc, torch.bfloat16)
+        assert enc._serve_low_weights is not cached
+        assert torch.equal(enc._serve_low_weights[1][qkv][0], qkv.weight.to(torch.bfloat16))
+    finally:
+        with torch.no_grad():
+            qkv.weight.copy_(saved)
