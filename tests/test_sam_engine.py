@@ -163,32 +163,6 @@ def test_full_res_decode_is_bit_identical_to_reference_resize(orig):
     assert d.stability == pytest.approx(float(expected), abs=1e-7)
 
 
-@pytest.mark.parametrize("orig", [(240, 320), (816, 1224)])
-def test_batch_decode_is_bit_identical_to_reference_resize(orig):
-    torch.manual_seed(5)
-    g = resample.geometry(orig)
-    low = torch.randn(5, 1, 256, 256)
-    low[3] = -5.0  # an empty mask: area 0, box zeros
-    up = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)
-    ref = up[..., : g.input_hw[0], : g.input_hw[1]]
-    ref = F.interpolate(ref, orig, mode="bilinear", align_corners=False)[:, 0]
-    batch = resample.BatchDecoder(g, budget_floats=3 * orig[0] * orig[1])
-    assert batch.batch == 3
-    lows = [low[i, 0, : g.low_hw[0], : g.low_hw[1]] for i in range(5)]
-    got = batch(lows[:3]) + batch(lows[3:])  # a full and a partial batch
-    single = resample.FullResDecoder(g)
-    for i, s in enumerate(got):
-        want = ref[i] > 0
-        assert np.array_equal(rle.decode(s.rle), want.numpy())
-        assert s.area == int(want.sum())
-        d = single.decode(lows[i])
-        assert (s.rle, s.area, s.box) == d.summary()
-        assert s.stability == d.stability or (np.isnan(s.stability) and np.isnan(d.stability))
-    assert got[3].area == 0 and got[3].box == (0, 0, 0, 0)
-    with pytest.raises(ValueError):
-        batch(lows[:4])
-
-
 def test_band_boxes_match_full_decode():
     g = resample.geometry((2000, 1500))
     torch.manual_seed(3)

@@ -27,24 +27,6 @@ def encode(mask: np.ndarray) -> Rle:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode()}
 
 
-def encode_many(masks: np.ndarray) -> list[tuple[Rle, int, list[float]]]:
-    """(RLE, area, COCO bbox) of each mask of an (h, w, n) Fortran-ordered uint8 stack,
-    one pycocotools call for each of the three (not three per mask)."""
-    if masks.ndim != 3 or masks.dtype != np.uint8 or not masks.flags.f_contiguous:
-        raise ValueError("expected an (h, w, n) Fortran-ordered uint8 array")
-    codes = mask_utils.encode(masks)
-    areas = mask_utils.area(codes)
-    boxes = mask_utils.toBbox(codes)
-    return [
-        (
-            {"size": [int(c["size"][0]), int(c["size"][1])], "counts": c["counts"].decode()},
-            int(a),
-            [float(v) for v in b],
-        )
-        for c, a, b in zip(codes, areas, boxes, strict=True)
-    ]
-
-
 def _coco(rle: Rle) -> dict[str, Any]:
     counts = rle["counts"]
     if isinstance(counts, list):  # uncompressed RLE, e.g. from segment_anything

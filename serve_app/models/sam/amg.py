@@ -54,7 +54,6 @@ from serve_app.models.sam.encoder import Embedding, check_image, embed, model_de
 from serve_app.models.sam.records import MaskRecord, xyxy_to_xywh
 from serve_app.models.sam.resample import (
     BandBoxes,
-    BatchDecoder,
     FullResDecoder,
     Geometry,
     geometry,
@@ -371,20 +370,6 @@ class FastMaskGenerator:
             crop = crops[c]
             x0, y0, x1, y1 = crop.box
             whole = crop.box == (0, 0, w, h)
-            batch = BatchDecoder(crop.geometry)
-            if whole and self.min_mask_region_area <= 0 and batch.batch > 1:
-                # Nothing to paste or clean: whole batches of masks straight to records.
-                todo = by_crop[c]
-                for k in range(0, len(todo), batch.batch):
-                    part = todo[k : k + batch.batch]
-                    lows = [crop.low[i] for _, i in part]
-                    sums = batch(lows, self.mask_threshold, self.stability_score_offset)
-                    for (pos, i), m in zip(part, sums, strict=True):
-                        records[pos] = self._record(crop, i, m.rle, m.area, m.box, m.stability)
-                    done += len(part)
-                    report(start + (1 - start) * done / len(order), "postprocess")
-                continue
-            del batch
             decoder = FullResDecoder(crop.geometry)
             if not whole and canvas is None:
                 canvas = np.zeros((h, w), dtype=np.bool_, order="F")
@@ -398,7 +383,15 @@ class FastMaskGenerator:
                 if self.min_mask_region_area > 0:
                     mask, same = _remove_small_regions(mask, self.min_mask_region_area)
                 code, area, box = summarize(mask)
-                records[pos] = self._record(crop, i, code, area, box, d.stability)
+                records[pos] = MaskRecord(
+                    rle=code,
+                    bbox=xyxy_to_xywh(box),
+                    area=area,
+                    predicted_iou=float(crop.iou[i]),
+                    stability_score=d.stability,
+                    point_coords=[crop.points[i].tolist()],
+                    crop_box=(x0, y0, x1 - x0, y1 - y0),
+                )
                 unchanged[pos] = float(same)
                 done += 1
                 report(start + (1 - start) * done / len(order), "postprocess")
@@ -418,26 +411,6 @@ class FastMaskGenerator:
             out = [out[i] for i in again.tolist()]
         report(1.0, "postprocess")
         return out
-
-    @staticmethod
-    def _record(
-        crop: _Crop,
-        i: int,
-        code: dict,
-        area: int,
-        box: tuple[int, int, int, int],
-        stability: float,
-    ) -> MaskRecord:
-        x0, y0, x1, y1 = crop.box
-        return MaskRecord(
-            rle=code,
-            bbox=xyxy_to_xywh(box),
-            area=area,
-            predicted_iou=float(crop.iou[i]),
-            stability_score=stability,
-            point_coords=[crop.points[i].tolist()],
-            crop_box=(x0, y0, x1 - x0, y1 - y0),
-        )
 
 
 class _Scaled:
