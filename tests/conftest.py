@@ -14,7 +14,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import EXTRA_FILES, IMAGES, PICO, REPO, TEST_IMAGE_HOST, TEST_LIMITS, YUNET
+from helpers import (
+    EXTRA_FILES,
+    IMAGES,
+    PICO,
+    REPO,
+    TEST_IMAGE_HOST,
+    TEST_LIMITS,
+    YUNET,
+    shared_file,
+)
 
 # Tests using any of these run against the real Ray + Serve service: marked `service`, so that
 # `make test-fast` (-m "not slow and not service") runs the unit tests without starting Ray.
@@ -238,6 +247,15 @@ def image_server() -> str:
     yield f"http://{TEST_IMAGE_HOST}:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def sample_url(image_server) -> str:
+    """pigo_sample.jpg as the image server serves it, for tests that have the service fetch
+    a face with pigo; skipped (not failed) where the shared data is absent."""
+    shared_file("images", "pigo_sample.jpg")
+    shared_file("pico", "facefinder")
+    return f"{image_server}/pigo_sample.jpg"
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -268,18 +268,18 @@ def test_real_api_has_the_middleware():
     assert any(m.cls is ApiKeyMiddleware for m in api.user_middleware)
 
 
-def test_service_without_key_is_open(http, image_server):
+def test_service_without_key_is_open(http, sample_url):
     """The session service runs with no key: every route answers without credentials."""
     assert http.get("/healthz").status_code == 200
     assert http.get("/v1/models").status_code == 200
     assert http.get("/openapi.json").status_code == 200
-    r = http.post("/v1/detect/face-detect-pigo", json={"url": f"{image_server}/pigo_sample.jpg"})
+    r = http.post("/v1/detect/face-detect-pigo", json={"url": sample_url})
     assert r.status_code == 200, r.text
     # An Authorization header (faas-cli's empty Bearer, or junk) changes nothing.
     for header in ("Bearer", "Bearer junk", basic("admin", "x")):
         r = http.post(
             "/function/face-detect-pigo?format=json",
-            content=f"{image_server}/pigo_sample.jpg".encode(),
+            content=sample_url.encode(),
             headers={"Authorization": header},
         )
         assert r.status_code == 200, (header, r.text)

@@ -246,8 +246,8 @@ def test_detect_json_prints_one_face(url, sample, tmp_path):
     assert list(tmp_path.iterdir()) == []  # --json alone saves nothing
 
 
-def test_detect_url_image_with_json_and_output(url, image_server, tmp_path):
-    image = f"{image_server}/pigo_sample.jpg"  # fetched by the service, not by the CLI
+def test_detect_url_image_with_json_and_output(url, sample_url, tmp_path):
+    image = sample_url  # fetched by the service, not by the CLI
     r = cli(
         "--url", url, "detect", "face-detect-pigo", image, "--json", "-o", "p.png", cwd=tmp_path
     )

@@ -211,12 +211,10 @@ def test_redirects_to_loopback_are_refused(http, canary, redirector, image_serve
     )
 
 
-def test_redirect_limits_and_schemes(http, redirector, image_server):
+def test_redirect_limits_and_schemes(http, redirector, sample_url):
     # Positive control: a redirect between allowed URLs is followed, so the refusals above
     # are about the target, not about redirects.
-    ok = http.post(
-        f"/v1/detect/{MODEL}", json={"url": f"{redirector}/to?{image_server}/pigo_sample.jpg"}
-    )
+    ok = http.post(f"/v1/detect/{MODEL}", json={"url": f"{redirector}/to?{sample_url}"})
     assert ok.status_code == 200 and ok.json()["count"] == 1, ok.text
     # fetch_max_redirects is 3 in the test config: a fourth hop is refused.
     r = http.post(f"/v1/detect/{MODEL}", json={"url": f"{redirector}/chain/4"})

@@ -120,10 +120,10 @@ def test_errors_show_the_services_detail(page, sample):
     page.console_errors[:] = [e for e in page.console_errors if "status of 422" not in e]
 
 
-def test_url_input_is_fetched_by_the_service(page, image_server):
+def test_url_input_is_fetched_by_the_service(page, image_server, sample_url):
     page.allowed.append(image_server)  # the browser shows the original from there too
     page.select_option("#model", "face-detect-pigo")
-    page.fill("#image-url", f"{image_server}/pigo_sample.jpg")
+    page.fill("#image-url", sample_url)
     page.press("#image-url", "Enter")  # submits the form, like clicking Run
     page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=RUN_TIMEOUT_MS)
     assert page.get_attribute("body", "data-state") == "done", page.text_content("#error")
